@@ -1,0 +1,33 @@
+"""libvms: cryptographically auditable VMs.
+
+Everything a user needs is importable from here; other modules may change.
+"""
+
+from .archive import DatArchive, FilesArchive
+from .errors import (
+    InvalidPathError,
+    LibVMSError,
+    LimitExceeded,
+    NotFoundError,
+    TamperError,
+    VerificationError,
+    VMCallError,
+)
+from .keys import Keypair
+from .log import CallLog
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CallLog",
+    "DatArchive",
+    "FilesArchive",
+    "InvalidPathError",
+    "Keypair",
+    "LibVMSError",
+    "LimitExceeded",
+    "NotFoundError",
+    "TamperError",
+    "VMCallError",
+    "VerificationError",
+]

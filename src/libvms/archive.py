@@ -1,0 +1,617 @@
+"""FilesArchive: a versioned file tree whose every mutation is a signed ledger entry.
+
+The archive's history is a :class:`~libvms.ledger.Ledger` of its own: entry 0 is
+a genesis entry (the title), so a fresh archive has ``version == 1``, and each
+``write``, ``mkdir``, ``unlink`` or ``rmdir`` appends one entry. File contents
+are content-addressed blobs (SHA-256), stored once however often written.
+
+The **state root** hashes the current tree only (sorted paths, kinds and
+content hashes), never keys, titles, times or history, so an honest replay
+reproduces it exactly. ``docs/formats.md`` gives the construction.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from . import encoding, merkle
+from .errors import (
+    AlreadyExistsError,
+    DirectoryNotEmptyError,
+    InvalidPathError,
+    IsADirectoryError_,
+    LibVMSError,
+    NotADirectoryError_,
+    NotFoundError,
+    ReadOnlyError,
+    TamperError,
+)
+from .keys import Keypair, ledger_url
+from .ledger import Ledger
+from .store import Store
+
+KEY_FILENAME = "files-archive.key"
+LEDGER_NAME = "files_archive"
+
+#: Longest accepted path (characters) and path component.
+MAX_PATH = 4096
+MAX_NAME = 255
+#: Largest file the archive accepts, in bytes.
+MAX_FILE_BYTES = 64 * 1024 * 1024
+
+Kind = Literal["file", "dir"]
+Encoding = Literal["utf8", "binary", "base64", "hex"]
+_ENCODINGS = ("utf8", "utf-8", "binary", "base64", "hex")
+
+
+def normalize_path(path: str) -> str:
+    """The canonical absolute form of an archive path.
+
+    ``.`` and repeated slashes collapse; ``..`` may not leave the root; NUL,
+    empty paths and over-long names raise :class:`InvalidPathError`.
+    """
+    if not isinstance(path, str):
+        raise InvalidPathError(f"path must be a string, not {type(path).__name__}")
+    if path == "":
+        raise InvalidPathError("path is empty")
+    if "\x00" in path:
+        raise InvalidPathError("path contains a NUL byte")
+    if len(path) > MAX_PATH:
+        raise InvalidPathError(f"path is longer than {MAX_PATH} characters")
+    parts: list[str] = []
+    for name in path.split("/"):
+        if name in ("", "."):
+            continue
+        if name == "..":
+            if not parts:
+                raise InvalidPathError(f"path {path!r} leaves the archive root")
+            parts.pop()
+            continue
+        if len(name) > MAX_NAME:
+            raise InvalidPathError(f"name {name[:20]!r}... is longer than {MAX_NAME} characters")
+        parts.append(name)
+    return "/" + "/".join(parts)
+
+
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] or "/"
+
+
+def _basename(path: str) -> str:
+    return path.rsplit("/", 1)[1]
+
+
+@dataclass(frozen=True)
+class Stat:
+    """What :meth:`FilesArchive.stat` returns."""
+
+    kind: Kind
+    size: int
+    mtime_ms: int
+    hash: str | None = None
+
+    @property
+    def mtime(self) -> datetime:
+        """Last modification time (UTC)."""
+        return datetime.fromtimestamp(self.mtime_ms / 1000, tz=timezone.utc)
+
+    def is_file(self) -> bool:
+        return self.kind == "file"
+
+    def is_dir(self) -> bool:
+        return self.kind == "dir"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form, as scripts see it."""
+        return {"type": self.kind, "size": self.size, "mtime": self.mtime_ms}
+
+
+def _leaf(path: str, kind: Kind, content_hash: str | None) -> bytes:
+    # docs/formats.md, "State root": one leaf per path except the root.
+    obj: dict[str, Any] = {"path": path, "type": kind}
+    if content_hash is not None:
+        obj["hash"] = content_hash
+    return merkle.leaf_hash(encoding.canonical(obj))
+
+
+@dataclass
+class _Tree:
+    """The file tree at one version: path -> Stat, plus directory listings."""
+
+    nodes: dict[str, Stat] = field(default_factory=lambda: {"/": Stat("dir", 0, 0)})
+    children: dict[str, set[str]] = field(default_factory=lambda: {"/": set()})
+    leaves: dict[str, bytes] = field(default_factory=dict)
+    _root: bytes | None = None
+
+    def copy(self) -> _Tree:
+        return _Tree(
+            dict(self.nodes),
+            {k: set(v) for k, v in self.children.items()},
+            dict(self.leaves),
+            self._root,
+        )
+
+    def state_root(self) -> bytes:
+        if self._root is None:
+            self._root = merkle.root_of([self.leaves[p] for p in sorted(self.leaves)])
+        return self._root
+
+    def lookup(self, path: str) -> Stat:
+        node = self.nodes.get(path)
+        if node is None:
+            raise NotFoundError(f"{path} does not exist")
+        return node
+
+    def _require_parent_dir(self, path: str) -> None:
+        parent = _parent(path)
+        node = self.nodes.get(parent)
+        if node is None:
+            raise NotFoundError(f"directory {parent} does not exist")
+        if node.kind != "dir":
+            raise NotADirectoryError_(f"{parent} is not a directory")
+
+    def _set(self, path: str, node: Stat) -> None:
+        if path not in self.nodes:
+            self.children[_parent(path)].add(_basename(path))
+        self.nodes[path] = node
+        if node.kind == "dir":
+            self.children.setdefault(path, set())
+        self.leaves[path] = _leaf(path, node.kind, node.hash)
+        self._root = None
+
+    def _remove(self, path: str) -> None:
+        del self.nodes[path]
+        self.leaves.pop(path, None)
+        self.children.pop(path, None)
+        self.children[_parent(path)].discard(_basename(path))
+        self._root = None
+
+    def apply(self, entry: dict[str, Any]) -> None:
+        """Apply one archive ledger entry, or raise the error that refuses it."""
+        op = entry.get("type")
+        if op == "genesis":
+            return
+        path = normalize_path(entry["path"])
+        if path == "/":
+            raise InvalidPathError("the archive root cannot be changed")
+        mtime = int(entry["mtime"])
+        if op == "write":
+            self._require_parent_dir(path)
+            existing = self.nodes.get(path)
+            if existing is not None and existing.kind == "dir":
+                raise IsADirectoryError_(f"{path} is a directory")
+            self._set(path, Stat("file", int(entry["size"]), mtime, str(entry["hash"])))
+        elif op == "mkdir":
+            self._require_parent_dir(path)
+            if path in self.nodes:
+                raise AlreadyExistsError(f"{path} already exists")
+            self._set(path, Stat("dir", 0, mtime))
+        elif op == "unlink":
+            node = self.lookup(path)
+            if node.kind == "dir":
+                raise IsADirectoryError_(f"{path} is a directory; use rmdir")
+            self._remove(path)
+        elif op == "rmdir":
+            node = self.lookup(path)
+            if node.kind != "dir":
+                raise NotADirectoryError_(f"{path} is not a directory")
+            if self.children[path] and not entry.get("recursive"):
+                raise DirectoryNotEmptyError(f"{path} is not empty")
+            prefix = path + "/"
+            for sub in [p for p in self.nodes if p.startswith(prefix)]:
+                self.nodes.pop(sub, None)
+                self.leaves.pop(sub, None)
+                self.children.pop(sub, None)
+            self._remove(path)
+        else:
+            raise LibVMSError(f"unknown archive operation {op!r}")
+
+
+def _decode_data(data: str | bytes, encoding_name: str) -> bytes:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    if not isinstance(data, str):
+        raise TypeError(f"file data must be str or bytes, not {type(data).__name__}")
+    try:
+        if encoding_name in ("utf8", "utf-8", "binary"):
+            return data.encode("utf-8")
+        if encoding_name == "base64":
+            return base64.b64decode(data, validate=True)
+        if encoding_name == "hex":
+            return bytes.fromhex(data)
+    except (ValueError, binascii.Error) as exc:
+        raise ValueError(f"data is not valid {encoding_name}: {exc}") from exc
+    raise ValueError(f"unknown encoding {encoding_name!r}")
+
+
+def _encode_data(data: bytes, encoding_name: str) -> str | bytes:
+    if encoding_name == "binary":
+        return data
+    if encoding_name in ("utf8", "utf-8"):
+        return data.decode("utf-8", errors="replace")
+    if encoding_name == "base64":
+        return base64.b64encode(data).decode("ascii")
+    if encoding_name == "hex":
+        return data.hex()
+    raise ValueError(f"unknown encoding {encoding_name!r}")
+
+
+class _Reader(ABC):
+    """Read operations shared by the archive, its transactions and its checkouts."""
+
+    _tree: _Tree
+
+    @abstractmethod
+    def _blob(self, content_hash: str) -> bytes:
+        """The verified bytes of a blob."""
+
+    @property
+    def state_root(self) -> str:
+        """Hex hash of the current tree's content (see ``docs/formats.md``)."""
+        return self._tree.state_root().hex()
+
+    async def stat(self, path: str) -> Stat:
+        return self._tree.lookup(normalize_path(path))
+
+    async def read_file(self, path: str, encoding: str = "utf8") -> Any:
+        """File contents: ``str`` for utf8/base64/hex, ``bytes`` for ``"binary"``."""
+        return self.read_file_now(path, encoding)
+
+    def read_file_now(self, path: str, encoding: str = "utf8") -> str | bytes:
+        if encoding not in _ENCODINGS:
+            raise ValueError(f"unknown encoding {encoding!r}")
+        p = normalize_path(path)
+        node = self._tree.lookup(p)
+        if node.kind != "file" or node.hash is None:
+            raise IsADirectoryError_(f"{p} is a directory")
+        return _encode_data(self._blob(node.hash), encoding)
+
+    async def readdir(self, path: str = "/") -> list[str]:
+        """Names in the directory, sorted."""
+        return self.readdir_now(path)
+
+    def readdir_now(self, path: str = "/") -> list[str]:
+        p = normalize_path(path)
+        node = self._tree.lookup(p)
+        if node.kind != "dir":
+            raise NotADirectoryError_(f"{p} is not a directory")
+        return sorted(self._tree.children[p])
+
+    def files(self) -> dict[str, Stat]:
+        """Every path in the tree (except the root) and its stat."""
+        return {p: s for p, s in self._tree.nodes.items() if p != "/"}
+
+
+class FilesArchive(_Reader):
+    """The VM's files archive. Create with :meth:`create`, reopen with :meth:`open`."""
+
+    def __init__(self, ledger: Ledger, directory: Path | None, title: str) -> None:
+        self._ledger = ledger
+        self._store = ledger.store
+        self.dir = directory
+        self.title = title
+        self.location: str | None = None
+        self._tree = _Tree()
+        self._staged_blobs: dict[str, bytes] = {}
+        self._blobs_in_commit: list[str] = []
+        self._store.add_commit_hook(self._before_commit, self._after_commit)
+
+    def _before_commit(self) -> list[Any]:
+        self._blobs_in_commit = list(self._staged_blobs)
+        return []
+
+    def _after_commit(self) -> None:
+        for content_hash in self._blobs_in_commit:
+            self._staged_blobs.pop(content_hash, None)
+        self._blobs_in_commit = []
+
+    # -- lifecycle -------------------------------------------------------------
+
+    @classmethod
+    async def create(
+        cls,
+        dir: str | Path | None,
+        title: str = "",
+        *,
+        keypair: Keypair | None = None,
+        store: Store | None = None,
+    ) -> FilesArchive:
+        """Create an archive in ``dir`` (None: in memory) with its genesis entry."""
+        keypair = keypair or Keypair.generate()
+        directory = None if dir is None else Path(dir)
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+            if (directory / KEY_FILENAME).exists():
+                raise LibVMSError(f"{directory} already holds a files archive")
+        store = store if store is not None else Store.open(directory)
+        try:
+            ledger = Ledger.create(store, LEDGER_NAME, keypair)
+        except BaseException:
+            store.close()
+            raise
+        if directory is not None:
+            keypair.save(directory / KEY_FILENAME)
+        archive = cls(ledger, directory, title)
+        ledger.stage_append({"type": "genesis", "title": title})
+        await store.flush()
+        return archive
+
+    @classmethod
+    async def open(cls, dir: str | Path, *, store: Store | None = None) -> FilesArchive:
+        """Reopen the archive in ``dir``, verifying its ledger and every blob."""
+        directory = Path(dir)
+        if not Store.exists(directory):
+            raise LibVMSError(f"{directory} holds no files archive")
+        key_path = directory / KEY_FILENAME
+        keypair = Keypair.load(key_path) if key_path.exists() else None
+        store = store if store is not None else Store.open(directory)
+        try:
+            ledger = Ledger.open(store, LEDGER_NAME, keypair)
+            archive = cls._from_ledger(ledger, directory)
+            archive._verify_blobs()
+        except BaseException:
+            store.close()
+            raise
+        return archive
+
+    @classmethod
+    def _from_ledger(cls, ledger: Ledger, directory: Path | None) -> FilesArchive:
+        if ledger.length == 0:
+            raise TamperError("files archive has no genesis entry")
+        entries = [encoding.parse(d) for d in ledger.raw_range(0, ledger.length)]
+        genesis = entries[0]
+        if not isinstance(genesis, dict) or genesis.get("type") != "genesis":
+            raise TamperError("files archive entry 0 is not a genesis entry", where="0")
+        archive = cls(ledger, directory, str(genesis.get("title", "")))
+        archive._tree = _replay(entries, len(entries))
+        return archive
+
+    def _verify_blobs(self) -> None:
+        wanted = {n.hash for n in self._tree.nodes.values() if n.hash is not None}
+        for content_hash in wanted:
+            self._blob(content_hash)
+
+    async def close(self) -> None:
+        """Wait for pending writes, then release the database."""
+        await self._store.flush()
+        self._store.remove_commit_hook(self._before_commit)
+        self._ledger.close()
+        self._store.close()
+
+    async def __aenter__(self) -> FilesArchive:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- identity and info -----------------------------------------------------
+
+    @property
+    def public_key(self) -> bytes:
+        return self._ledger.public_key
+
+    @property
+    def url(self) -> str:
+        """Self-certifying URL: where the archive is served (if known) plus its key."""
+        return ledger_url(self.public_key, self.location)
+
+    @property
+    def ledger(self) -> Ledger:
+        return self._ledger
+
+    @property
+    def version(self) -> int:
+        """Number of entries in the archive's ledger (1 when fresh)."""
+        return self._ledger.length
+
+    async def get_info(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "title": self.title,
+            "version": self.version,
+            "stateRoot": self.state_root,
+        }
+
+    async def checkpoint(self) -> str:
+        """The latest signed checkpoint of the archive's ledger."""
+        await self._store.flush()
+        return self._ledger.sign_now()
+
+    async def history(self) -> list[dict[str, Any]]:
+        """Every mutation: ``{"version", "type", "path"}``, oldest first."""
+        return history_of(
+            [encoding.parse(d) for d in self._ledger.raw_range(1, self._ledger.length)]
+        )
+
+    async def checkout(self, version: int) -> ArchiveView:
+        """A read-only view of the archive as it was at ``version``."""
+        if not 1 <= version <= self.version:
+            raise NotFoundError(f"version {version} does not exist (1..{self.version})")
+        entries = [encoding.parse(d) for d in self._ledger.raw_range(0, version)]
+        return ArchiveView(self, _replay(entries, version), version)
+
+    # -- blobs -----------------------------------------------------------------
+
+    def _blob(self, content_hash: str) -> bytes:
+        staged = self._staged_blobs.get(content_hash)
+        if staged is not None:
+            return staged
+        rows = self._store.query(
+            "SELECT data FROM blobs WHERE hash = ?", (bytes.fromhex(content_hash),)
+        )
+        if not rows:
+            raise TamperError(f"blob {content_hash} is missing", where=content_hash)
+        data = rows[0][0]
+        if not isinstance(data, bytes) or encoding.sha256_hex(data) != content_hash:
+            raise TamperError(f"blob {content_hash} does not match its hash", where=content_hash)
+        return data
+
+    # -- writing ---------------------------------------------------------------
+
+    def transaction(self, mtime_ms: int | None = None) -> ArchiveTransaction:
+        """Stage mutations apart from the archive; ``commit()`` applies them, or drop it."""
+        if self._ledger.keypair is None:
+            raise ReadOnlyError("this archive is a read-only copy")
+        return ArchiveTransaction(self, mtime_ms)
+
+    def _apply_transaction(self, tx: ArchiveTransaction) -> None:
+        if tx._tree is self._tree:
+            return
+        rows = [(bytes.fromhex(h), d) for h, d in tx._blobs.items()]
+        if rows:
+            self._store.stage_many("INSERT OR IGNORE INTO blobs (hash, data) VALUES (?, ?)", rows)
+            self._staged_blobs.update(tx._blobs)
+        for entry in tx.entries:
+            self._ledger.stage_append(entry)
+        self._tree = tx._tree
+
+    async def _mutate(self, op: str, *args: Any) -> int:
+        tx = self.transaction()
+        getattr(tx, op)(*args)
+        tx.commit()
+        await self._store.flush()
+        return self.version
+
+    async def write_file(self, path: str, data: str | bytes, encoding: str = "utf8") -> int:
+        """Write a file (str in ``encoding``, or bytes); returns the new version."""
+        return await self._mutate("write_file", path, data, encoding)
+
+    async def mkdir(self, path: str) -> int:
+        return await self._mutate("mkdir", path)
+
+    async def unlink(self, path: str) -> int:
+        return await self._mutate("unlink", path)
+
+    async def rmdir(self, path: str, recursive: bool = False) -> int:
+        return await self._mutate("rmdir", path, recursive)
+
+
+def _replay(entries: Sequence[Any], upto: int) -> _Tree:
+    tree = _Tree()
+    for index in range(1, upto):
+        entry = entries[index]
+        try:
+            if not isinstance(entry, dict):
+                raise LibVMSError("not an object")
+            tree.apply(entry)
+        except (LibVMSError, KeyError, TypeError, ValueError) as exc:
+            raise TamperError(
+                f"files archive entry {index} is not a valid mutation: {exc}", where=str(index)
+            ) from exc
+    return tree
+
+
+def history_of(mutations: Sequence[Any]) -> list[dict[str, Any]]:
+    """``{"version", "type", "path"}`` for archive entries 1.. in order."""
+    return [
+        {"version": i + 2, "type": e["type"], "path": e["path"]} for i, e in enumerate(mutations)
+    ]
+
+
+class ArchiveTransaction(_Reader):
+    """Mutations staged apart from the archive: the VM's writes during one call.
+
+    Reads see the staged changes. ``commit()`` makes them part of the archive
+    (durable at the next store flush); dropping the transaction discards them.
+    """
+
+    def __init__(self, archive: FilesArchive, mtime_ms: int | None) -> None:
+        self._archive = archive
+        self._tree = archive._tree
+        self._mtime = mtime_ms
+        self.entries: list[dict[str, Any]] = []
+        self._blobs: dict[str, bytes] = {}
+        self._done = False
+
+    @property
+    def version(self) -> int:
+        return self._archive.version + len(self.entries)
+
+    def _blob(self, content_hash: str) -> bytes:
+        staged = self._blobs.get(content_hash)
+        return staged if staged is not None else self._archive._blob(content_hash)
+
+    def _now(self) -> int:
+        return self._mtime if self._mtime is not None else int(time.time() * 1000)
+
+    def _push(self, entry: dict[str, Any]) -> int:
+        if self._done:
+            raise LibVMSError("transaction already finished")
+        tree = self._tree.copy() if self._tree is self._archive._tree else self._tree
+        tree.apply(entry)
+        self._tree = tree
+        self.entries.append(entry)
+        return self.version
+
+    def write_file(self, path: str, data: str | bytes, encoding_name: str = "utf8") -> int:
+        p = normalize_path(path)
+        if encoding_name not in _ENCODINGS:
+            raise ValueError(f"unknown encoding {encoding_name!r}")
+        blob = _decode_data(data, encoding_name)
+        if len(blob) > MAX_FILE_BYTES:
+            raise ValueError(f"file is {len(blob)} bytes, more than the {MAX_FILE_BYTES} allowed")
+        content_hash = encoding.sha256_hex(blob)
+        entry = {"type": "write", "path": p, "hash": content_hash, "size": len(blob)}
+        entry["mtime"] = self._now()
+        version = self._push(entry)
+        self._blobs[content_hash] = blob
+        return version
+
+    def mkdir(self, path: str) -> int:
+        return self._push({"type": "mkdir", "path": normalize_path(path), "mtime": self._now()})
+
+    def unlink(self, path: str) -> int:
+        return self._push({"type": "unlink", "path": normalize_path(path), "mtime": self._now()})
+
+    def rmdir(self, path: str, recursive: bool = False) -> int:
+        entry: dict[str, Any] = {"type": "rmdir", "path": normalize_path(path)}
+        if recursive:
+            entry["recursive"] = True
+        entry["mtime"] = self._now()
+        return self._push(entry)
+
+    def history(self) -> list[dict[str, Any]]:
+        committed = [
+            encoding.parse(d)
+            for d in self._archive._ledger.raw_range(1, self._archive._ledger.length)
+        ]
+        return history_of(committed + self.entries)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "url": self._archive.url,
+            "title": self._archive.title,
+            "version": self.version,
+            "stateRoot": self.state_root,
+        }
+
+    def commit(self) -> None:
+        """Stage the mutations into the archive (durable at the next flush)."""
+        if self._done:
+            raise LibVMSError("transaction already finished")
+        self._done = True
+        self._archive._apply_transaction(self)
+
+
+class ArchiveView(_Reader):
+    """A read-only view of an archive at one version."""
+
+    def __init__(self, archive: FilesArchive, tree: _Tree, version: int) -> None:
+        self._archive = archive
+        self._tree = tree
+        self.version = version
+
+    def _blob(self, content_hash: str) -> bytes:
+        return self._archive._blob(content_hash)
+
+
+#: The seed's name for the files archive.
+DatArchive = FilesArchive

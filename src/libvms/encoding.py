@@ -1,0 +1,136 @@
+"""Canonical JSON (RFC 8785) and hashing: the bytes every ledger hashes and signs.
+
+Entries are JSON objects. We hash the canonical bytes, never a dict, because two
+encoders may order keys or print numbers differently; RFC 8785 (JCS) fixes one
+spelling so an auditor in any language computes the same hash.
+
+Values JSON cannot carry exactly are rejected, never silently changed: NaN and
+infinities, integers outside the IEEE-754 safe range, bytes, non-string keys,
+nesting deeper than :data:`MAX_DEPTH`, and encodings larger than
+:data:`MAX_ENTRY_BYTES`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import rfc8785
+
+from .errors import EncodingError
+
+#: Deepest nesting of arrays/objects accepted in any entry or message.
+MAX_DEPTH = 64
+
+#: Largest canonical encoding of one ledger entry, in bytes (8 MiB).
+MAX_ENTRY_BYTES = 8 * 1024 * 1024
+
+_SAFE_INT = 2**53 - 1
+
+
+def check_value(value: Any, *, max_depth: int = MAX_DEPTH) -> None:
+    """Raise :class:`EncodingError` unless ``value`` is a JSON value canonical JSON can carry."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if item is None or isinstance(item, (bool, str)):
+            continue
+        if isinstance(item, int):
+            if not -_SAFE_INT <= item <= _SAFE_INT:
+                raise EncodingError(f"integer {item} is outside the JSON safe range (±2^53-1)")
+            continue
+        if isinstance(item, float):
+            if item != item or item in (float("inf"), float("-inf")):
+                raise EncodingError(f"{item} cannot be represented in JSON")
+            continue
+        if isinstance(item, (list, tuple)):
+            if depth >= max_depth:
+                raise EncodingError(f"value is nested deeper than {max_depth} levels")
+            stack.extend((x, depth + 1) for x in item)
+            continue
+        if isinstance(item, dict):
+            if depth >= max_depth:
+                raise EncodingError(f"value is nested deeper than {max_depth} levels")
+            for key, x in item.items():
+                if not isinstance(key, str):
+                    raise EncodingError(f"object key {key!r} is not a string")
+                stack.append((x, depth + 1))
+            continue
+        raise EncodingError(f"{type(item).__name__} values cannot be represented in JSON")
+
+
+def canonical(value: Any, *, max_bytes: int = MAX_ENTRY_BYTES) -> bytes:
+    """Return the RFC 8785 canonical bytes of ``value``.
+
+    Raises :class:`EncodingError` for anything JSON cannot carry exactly, or when
+    the encoding is longer than ``max_bytes``.
+    """
+    check_value(value)
+    try:
+        data: bytes = rfc8785.dumps(value)
+    except (rfc8785.CanonicalizationError, RecursionError) as exc:
+        raise EncodingError(str(exc)) from exc
+    if len(data) > max_bytes:
+        raise EncodingError(
+            f"encoded value is {len(data)} bytes, more than the {max_bytes} allowed"
+        )
+    return data
+
+
+def _reject_constant(name: str) -> Any:
+    raise EncodingError(f"{name} is not valid JSON")
+
+
+def _number(text: str) -> int | float:
+    # JSON numbers are IEEE-754 doubles (as in JavaScript): integers beyond the
+    # safe range parse as floats, which canonical JSON can carry.
+    value = int(text)
+    return value if -_SAFE_INT <= value <= _SAFE_INT else float(value)
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise EncodingError("JSON object has duplicate keys")
+    return obj
+
+
+def parse(data: bytes | str, *, max_bytes: int = MAX_ENTRY_BYTES) -> Any:
+    """Parse JSON text strictly: no NaN/Infinity, no duplicate keys, bounded size and depth."""
+    if len(data) > max_bytes:
+        raise EncodingError(f"JSON text is {len(data)} bytes, more than the {max_bytes} allowed")
+    try:
+        value = json.loads(
+            data,
+            parse_constant=_reject_constant,
+            parse_int=_number,
+            object_pairs_hook=_unique_object,
+        )
+    except EncodingError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise EncodingError(f"invalid JSON: {exc}") from exc
+    check_value(value)
+    return value
+
+
+def parse_canonical(data: bytes, *, max_bytes: int = MAX_ENTRY_BYTES) -> Any:
+    """Parse bytes that must already be canonical; anything else is an :class:`EncodingError`.
+
+    Fetched entries go through here: a host cannot send two spellings of one entry.
+    """
+    value = parse(data, max_bytes=max_bytes)
+    if canonical(value, max_bytes=max_bytes) != data:
+        raise EncodingError("JSON text is not in RFC 8785 canonical form")
+    return value
+
+
+def sha256(data: bytes) -> bytes:
+    """SHA-256 digest of ``data``."""
+    return hashlib.sha256(data).digest()
+
+
+def sha256_hex(data: bytes) -> str:
+    """SHA-256 digest of ``data`` as lowercase hex."""
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,285 @@
+"""A signed, append-only Merkle log of canonical JSON entries: the machinery under
+both the call log and the files archive.
+
+Each ledger is one table in a :class:`~libvms.store.Store` plus one signed
+checkpoint in its ``meta`` table. The checkpoint (C2SP tlog-checkpoint in a
+signed note) commits to the RFC 9162 root over the RFC 8785 bytes of every
+entry, so anyone holding the public key can check the entries alone.
+
+Opening a ledger re-hashes every stored entry and checks the result against
+the signed checkpoint; reading an entry re-hashes it against the verified
+tree. Altered data is never served as genuine: it raises :class:`TamperError`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from . import encoding, merkle
+from .checkpoint import Checkpoint, open_checkpoint, sign_checkpoint
+from .errors import EncodingError, LibVMSError, TamperError
+from .keys import Keypair, VerifierKey, ledger_url
+from .store import Store, Write
+
+_NAME = re.compile(r"^[a-z_]+$")
+
+
+def origin_for(public_key: bytes) -> str:
+    """The checkpoint origin (and signed-note key name) of the ledger with this key."""
+    return ledger_url(public_key)
+
+
+class Ledger:
+    """A Merkle log stored in table ``<name>_entries`` of ``store``.
+
+    ``keypair`` is None for a read-only copy (fetched from a host): such a
+    ledger can be extended only with entries that verify against a checkpoint
+    signed by ``public_key``.
+    """
+
+    def __init__(
+        self, store: Store, name: str, public_key: bytes, keypair: Keypair | None = None
+    ) -> None:
+        if not _NAME.match(name):
+            raise ValueError(f"bad ledger name {name!r}")
+        if keypair is not None and keypair.public_key != public_key:
+            raise ValueError("keypair does not match public key")
+        self.store = store
+        self.name = name
+        self.public_key = public_key
+        self.keypair = keypair
+        self.origin = origin_for(public_key)
+        self.verifier = VerifierKey(self.origin, public_key)
+        self.tree = merkle.MerkleTree()
+        self._table = f"{name}_entries"
+        self._staged: dict[int, bytes] = {}
+        self._signed_size = -1
+        self._checkpoint_text: str | None = None
+        self._ckpt_key = f"{name}.checkpoint"
+        self._pub_key = f"{name}.public_key"
+        store.execute_now(
+            f"CREATE TABLE IF NOT EXISTS {self._table} "
+            "(seq INTEGER PRIMARY KEY, data BLOB NOT NULL, leaf BLOB NOT NULL)"
+        )
+        self._batch_size = 0
+        store.add_commit_hook(self._commit_hook, self._on_durable)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    @classmethod
+    def create(cls, store: Store, name: str, keypair: Keypair) -> Ledger:
+        """A new, empty ledger; raises if ``store`` already holds one by this name."""
+        if store.query("SELECT 1 FROM meta WHERE key = ?", (f"{name}.public_key",)):
+            raise LibVMSError(f"a {name} ledger already exists here")
+        ledger = cls(store, name, keypair.public_key, keypair)
+        store.stage(
+            "INSERT INTO meta (key, value) VALUES (?, ?)", (ledger._pub_key, keypair.public_key)
+        )
+        return ledger
+
+    @classmethod
+    def open(cls, store: Store, name: str, keypair: Keypair | None = None) -> Ledger:
+        """Open a stored ledger, verifying every entry against the signed checkpoint."""
+        rows = store.query("SELECT value FROM meta WHERE key = ?", (f"{name}.public_key",))
+        if not rows:
+            raise LibVMSError(f"no {name} ledger here")
+        public_key = bytes(rows[0][0])
+        if keypair is not None and keypair.public_key != public_key:
+            raise TamperError(f"the {name} key file does not match the ledger's public key")
+        ledger = cls(store, name, public_key, keypair)
+        ledger._load_and_verify()
+        return ledger
+
+    def close(self) -> None:
+        self.store.remove_commit_hook(self._commit_hook)
+
+    def _load_and_verify(self) -> None:
+        rows = self.store.query("SELECT value FROM meta WHERE key = ?", (self._ckpt_key,))
+        if not rows:
+            checkpoint = Checkpoint(self.origin, 0, merkle.EMPTY_ROOT)
+            text: str | None = None
+        else:
+            value = rows[0][0]
+            if not isinstance(value, bytes):
+                raise TamperError(f"{self.name} checkpoint is not stored as bytes")
+            text = value.decode("utf-8", errors="replace")
+            checkpoint = open_checkpoint(text, self.verifier)
+        leaf_hash = merkle.leaf_hash
+        tree = merkle.MerkleTree()
+        stored = self.store.iterate(f"SELECT seq, data, leaf FROM {self._table} ORDER BY seq")
+        for expected, (seq, data, leaf) in enumerate(stored):
+            if seq != expected:
+                raise TamperError(f"{self.name} entry {expected} is missing", where=str(expected))
+            computed = leaf_hash(self._blob_column(seq, data))
+            if computed != leaf:
+                raise TamperError(
+                    f"{self.name} entry {seq} does not match its stored hash", where=str(seq)
+                )
+            tree.append(computed)
+        if tree.size != checkpoint.size:
+            raise TamperError(
+                f"{self.name} holds {tree.size} entries but its signed checkpoint covers "
+                f"{checkpoint.size}"
+            )
+        if tree.root() != checkpoint.root_hash:
+            raise TamperError(f"{self.name} entries do not hash to the signed checkpoint root")
+        self.tree = tree
+        self._signed_size = tree.size
+        self._checkpoint_text = text
+
+    # -- reading ---------------------------------------------------------------
+
+    @property
+    def length(self) -> int:
+        """Entries in the ledger, including staged ones not yet durable."""
+        return self.tree.size
+
+    def raw(self, seq: int) -> bytes:
+        """The canonical bytes of entry ``seq``, checked against the verified tree."""
+        if not 0 <= seq < self.tree.size:
+            raise IndexError(f"{self.name} has no entry {seq}")
+        staged = self._staged.get(seq)
+        if staged is not None:
+            return staged
+        rows = self.store.query(f"SELECT data FROM {self._table} WHERE seq = ?", (seq,))
+        if not rows:
+            raise TamperError(f"{self.name} entry {seq} is missing", where=str(seq))
+        data = self._blob_column(seq, rows[0][0])
+        self._check(seq, data)
+        return data
+
+    def raw_range(self, start: int, end: int) -> list[bytes]:
+        """Canonical bytes of entries ``start`` (inclusive) to ``end`` (exclusive)."""
+        start = max(0, start)
+        end = min(end, self.tree.size)
+        if start >= end:
+            return []
+        out: list[bytes] = []
+        for seq, data in self.store.iterate(
+            f"SELECT seq, data FROM {self._table} WHERE seq >= ? AND seq < ? ORDER BY seq",
+            (start, end),
+        ):
+            data = self._blob_column(seq, data)
+            if seq != start + len(out):
+                break
+            self._check(seq, data)
+            out.append(data)
+        while start + len(out) < end:
+            seq = start + len(out)
+            staged = self._staged.get(seq)
+            if staged is None:
+                raise TamperError(f"{self.name} entry {seq} is missing", where=str(seq))
+            out.append(staged)
+        return out
+
+    def get(self, seq: int) -> Any:
+        return encoding.parse(self.raw(seq))
+
+    def _blob_column(self, seq: int, value: object) -> bytes:
+        if not isinstance(value, bytes):
+            raise TamperError(f"{self.name} entry {seq} is not stored as bytes", where=str(seq))
+        return value
+
+    def _check(self, seq: int, data: bytes) -> None:
+        if merkle.leaf_hash(data) != self.tree.leaf(seq):
+            raise TamperError(
+                f"{self.name} entry {seq} was changed on disk after it was verified",
+                where=str(seq),
+            )
+
+    # -- appending -------------------------------------------------------------
+
+    def stage_append(self, entry: Any) -> int:
+        """Encode and stage ``entry``; returns its index. Durable after ``store.flush()``."""
+        if self.keypair is None:
+            raise LibVMSError(f"this {self.name} is a read-only copy")
+        if not isinstance(entry, dict):
+            raise EncodingError("ledger entries must be JSON objects")
+        data = encoding.canonical(entry)
+        return self._stage_raw(data)
+
+    def _stage_raw(self, data: bytes) -> int:
+        seq = self.tree.size
+        leaf = merkle.leaf_hash(data)
+        self.store.stage(
+            f"INSERT INTO {self._table} (seq, data, leaf) VALUES (?, ?, ?)", (seq, data, leaf)
+        )
+        self.tree.append(leaf)
+        self._staged[seq] = data
+        return seq
+
+    def _on_durable(self) -> None:
+        for seq in [s for s in self._staged if s < self._batch_size]:
+            del self._staged[seq]
+
+    def _commit_hook(self) -> list[Write]:
+        self._batch_size = self.tree.size
+        if self.tree.size == self._signed_size or self.keypair is None:
+            return []
+        checkpoint = Checkpoint(self.origin, self.tree.size, self.tree.root())
+        text = sign_checkpoint(checkpoint, self.keypair)
+        self._signed_size = self.tree.size
+        self._checkpoint_text = text
+        return [
+            (
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                (self._ckpt_key, text.encode()),
+                False,
+            )
+        ]
+
+    def extend_verified(self, entries: Sequence[bytes], checkpoint_text: str) -> None:
+        """Append fetched entries to a read-only copy, all-or-nothing.
+
+        The entries must extend the current tree to exactly the size and root
+        of ``checkpoint_text``, which must be signed by this ledger's key.
+        """
+        checkpoint = open_checkpoint(checkpoint_text, self.verifier)
+        base = self.tree.size
+        added = 0
+        try:
+            for data in entries:
+                encoding.parse_canonical(data)
+                self.tree.append(merkle.leaf_hash(data))
+                added += 1
+                if self.tree.size > checkpoint.size:
+                    raise TamperError(f"{self.name} sent more entries than its checkpoint covers")
+            if self.tree.size != checkpoint.size or self.tree.root() != checkpoint.root_hash:
+                raise TamperError(
+                    f"{self.name} entries {base}..{self.tree.size} do not hash to the signed "
+                    f"checkpoint (size {checkpoint.size})"
+                )
+        except EncodingError as exc:
+            self.tree.truncate(base)
+            raise TamperError(f"{self.name} entry {base + added} is not canonical JSON") from exc
+        except BaseException:
+            self.tree.truncate(base)
+            raise
+        self.tree.truncate(base)
+        for data in entries:
+            self._stage_raw(data)
+        self._checkpoint_text = checkpoint_text
+        self._signed_size = checkpoint.size
+        self.store.stage(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            (self._ckpt_key, checkpoint_text.encode()),
+        )
+
+    @property
+    def checkpoint_text(self) -> str | None:
+        """The latest signed checkpoint (may cover entries whose commit is in flight)."""
+        return self._checkpoint_text
+
+    def sign_now(self) -> str:
+        """A signed checkpoint for the current tree (signs the empty tree too)."""
+        if self.keypair is None:
+            if self._checkpoint_text is None:
+                raise LibVMSError(f"this {self.name} copy has no checkpoint")
+            return self._checkpoint_text
+        if self._checkpoint_text is None or self._signed_size != self.tree.size:
+            checkpoint = Checkpoint(self.origin, self.tree.size, self.tree.root())
+            self._checkpoint_text = sign_checkpoint(checkpoint, self.keypair)
+            self._signed_size = self.tree.size
+        return self._checkpoint_text

@@ -1,0 +1,233 @@
+"""SQLite storage shared by the ledgers of one directory, with group commit.
+
+A VM's call log and files archive live in one database file so that a call's
+log entry and its archive mutations commit in one transaction: after a crash
+the directory holds both or neither.
+
+Writes are *staged* synchronously (in memory, in order) and made durable by
+:meth:`Store.flush`. One writer thread commits everything staged so far in a
+single transaction; whatever is staged while that commit's fsync runs goes
+into the next one. Many concurrent appends therefore share one fsync and one
+checkpoint signature per ledger (group commit), and an append is durable when
+its ``await`` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from .errors import LibVMSError, TamperError
+
+DB_FILENAME = "libvms.db"
+
+Write = tuple[str, Sequence[Any] | Iterable[Sequence[Any]], bool]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS blobs (hash BLOB PRIMARY KEY, data BLOB NOT NULL);
+"""
+
+
+class StoreError(LibVMSError):
+    """The database could not be written; the ledgers in it must be reopened."""
+
+
+class Store:
+    """One SQLite database (a file, or memory when ``path`` is None).
+
+    Stores are shared within a process by path, so a call log and a files
+    archive opened on the same directory commit together. Use :meth:`open`
+    and :meth:`close`, never the constructor.
+    """
+
+    _registry: dict[Path, Store] = {}  # noqa: RUF012 - process-wide by design
+    _registry_lock = threading.Lock()
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._refs = 1
+        self._lock = threading.Lock()
+        target = ":memory:" if path is None else str(path)
+        try:
+            self._conn = sqlite3.connect(target, check_same_thread=False, isolation_level=None)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: in WAL mode NORMAL does not fsync at commit, and an append
+            # must survive power loss once acknowledged.
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise TamperError(f"database {target} is unreadable: {exc}", where=target) from exc
+        self._pending: list[Write] = []
+        self._hooks: list[tuple[Callable[[], list[Write]], Callable[[], None]]] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="libvms-store")
+        self._failed: BaseException | None = None
+        self.commits = 0
+
+    @classmethod
+    def open(cls, directory: str | Path | None) -> Store:
+        """Open (or share) the store of ``directory``; None gives a private in-memory store."""
+        if directory is None:
+            return cls(None)
+        path = (Path(directory) / DB_FILENAME).resolve()
+        with cls._registry_lock:
+            store = cls._registry.get(path)
+            if store is not None:
+                store._refs += 1
+                return store
+            path.parent.mkdir(parents=True, exist_ok=True)
+            store = cls(path)
+            cls._registry[path] = store
+            return store
+
+    @classmethod
+    def exists(cls, directory: str | Path) -> bool:
+        """True if ``directory`` already holds a libvms database."""
+        return (Path(directory) / DB_FILENAME).exists()
+
+    def close(self) -> None:
+        """Drop one reference; the last one closes the database."""
+        with self._registry_lock:
+            self._refs -= 1
+            if self._refs > 0:
+                return
+            if self.path is not None:
+                self._registry.pop(self.path, None)
+        self._executor.shutdown(wait=True)
+        with self._lock:
+            self._conn.close()
+
+    # -- reads -----------------------------------------------------------------
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a read query now and return all rows."""
+        try:
+            with self._lock:
+                return self._conn.execute(sql, params).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise TamperError(f"database read failed: {exc}", where=str(self.path)) from exc
+
+    def iterate(self, sql: str, params: Sequence[Any] = (), chunk: int = 10_000) -> Iterable[Any]:
+        """Yield rows of a read query in chunks, without holding them all in memory."""
+        try:
+            with self._lock:
+                cursor = self._conn.execute(sql, params)
+                rows = cursor.fetchmany(chunk)
+            while rows:
+                yield from rows
+                with self._lock:
+                    rows = cursor.fetchmany(chunk)
+        except sqlite3.DatabaseError as exc:
+            raise TamperError(f"database read failed: {exc}", where=str(self.path)) from exc
+
+    def execute_now(self, sql: str, params: Sequence[Any] = ()) -> None:
+        """Run one write immediately in its own transaction (schema setup, tests)."""
+        with self._lock:
+            self._conn.execute(sql, params)
+
+    # -- writes ----------------------------------------------------------------
+
+    def stage(self, sql: str, params: Sequence[Any]) -> None:
+        """Stage one write for the next commit."""
+        self._check()
+        self._pending.append((sql, params, False))
+
+    def stage_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        """Stage a write executed once per row for the next commit."""
+        self._check()
+        self._pending.append((sql, list(rows), True))
+
+    def add_commit_hook(
+        self, before: Callable[[], list[Write]], after: Callable[[], None]
+    ) -> None:
+        """Register a pair of callbacks run on the event loop around each commit.
+
+        ``before`` runs just before a commit and its writes join that commit:
+        ledgers add one signed checkpoint covering exactly the entries staged so
+        far. ``after`` runs once that commit is durable.
+        """
+        self._hooks.append((before, after))
+
+    def remove_commit_hook(self, before: Callable[[], list[Write]]) -> None:
+        self._hooks = [h for h in self._hooks if h[0] is not before]
+
+    async def flush(self) -> None:
+        """Return once everything staged before this call is durable."""
+        self._check()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(waiter)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush_loop())
+        await waiter
+
+    def flush_sync(self) -> None:
+        """Commit everything staged now, blocking (used by close and tests)."""
+        self._check()
+        batch = self._take_batch()
+        if batch:
+            self._commit(batch)
+            self._after_commit()
+
+    async def _flush_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._waiters:
+            waiters, self._waiters = self._waiters, []
+            batch = self._take_batch()
+            try:
+                if batch:
+                    await loop.run_in_executor(self._executor, self._commit, batch)
+            except BaseException as exc:
+                self._failed = exc
+                for waiter in waiters + self._waiters:
+                    if not waiter.done():
+                        waiter.set_exception(StoreError(f"commit failed: {exc}"))
+                self._waiters = []
+                return
+            if batch:
+                self._after_commit()
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def _take_batch(self) -> list[Write]:
+        if not self._pending:
+            return []
+        batch = self._pending
+        self._pending = []
+        for before, _after in self._hooks:
+            batch.extend(before())
+        return batch
+
+    def _after_commit(self) -> None:
+        for _before, after in self._hooks:
+            after()
+
+    def _commit(self, batch: list[Write]) -> None:
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, params, many in batch:
+                    if many:
+                        conn.executemany(sql, params)  # type: ignore[arg-type]
+                    else:
+                        conn.execute(sql, params)  # type: ignore[arg-type]
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            self.commits += 1
+
+    def _check(self) -> None:
+        if self._failed is not None:
+            raise StoreError(
+                f"an earlier commit failed ({self._failed}); reopen the ledgers to continue"
+            )

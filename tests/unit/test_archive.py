@@ -1,0 +1,192 @@
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from libvms import merkle
+from libvms.archive import DatArchive, FilesArchive, normalize_path
+from libvms.encoding import canonical, sha256_hex
+from libvms.errors import (
+    AlreadyExistsError,
+    DirectoryNotEmptyError,
+    InvalidPathError,
+    IsADirectoryError_,
+    NotADirectoryError_,
+    NotFoundError,
+)
+
+
+async def test_fresh_archive_is_version_1_and_each_mutation_adds_one(tmp_path):
+    archive = await FilesArchive.create(tmp_path, title="Bobs VM")
+    assert archive.version == 1
+    assert await archive.readdir("/") == []
+    assert await archive.write_file("/file", "foo") == 2
+    assert await archive.mkdir("/dir") == 3
+    assert await archive.write_file("/dir/a.txt", b"\x00\x01") == 4
+    assert await archive.unlink("/file") == 5
+    assert await archive.read_file("/dir/a.txt", encoding="binary") == b"\x00\x01"
+    assert await archive.read_file("/dir/a.txt", encoding="hex") == "0001"
+    assert (await archive.get_info())["title"] == "Bobs VM"
+    assert await archive.history() == [
+        {"version": 2, "type": "write", "path": "/file"},
+        {"version": 3, "type": "mkdir", "path": "/dir"},
+        {"version": 4, "type": "write", "path": "/dir/a.txt"},
+        {"version": 5, "type": "unlink", "path": "/file"},
+    ]
+    await archive.close()
+    again = await FilesArchive.open(tmp_path)
+    assert again.version == 5
+    assert await again.readdir("/") == ["dir"]
+    assert await again.read_file("/dir/a.txt", "base64") == "AAE="
+    await again.close()
+
+
+async def test_dat_archive_is_an_alias():
+    assert DatArchive is FilesArchive
+
+
+async def test_stat():
+    archive = await FilesArchive.create(None, "t")
+    await archive.write_file("/a", "hello")
+    st_ = await archive.stat("/a")
+    assert st_.size == 5 and st_.is_file() and not st_.is_dir()
+    assert st_.mtime.year >= 2024
+    assert (await archive.stat("/")).is_dir()
+    await archive.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [("a", "/a"), ("/a/./b//c/", "/a/b/c"), ("/a/b/../c", "/a/c"), ("/", "/"), ("//", "/")],
+)
+def test_normalize_path(path, expected):
+    assert normalize_path(path) == expected
+
+
+@pytest.mark.parametrize("path", ["", "/..", "a/../../b", "a\x00b", "/" + "x" * 300, 5])
+async def test_invalid_paths_are_rejected_and_version_unchanged(path):
+    archive = await FilesArchive.create(None, "t")
+    with pytest.raises(InvalidPathError):
+        await archive.write_file(path, "x")
+    assert archive.version == 1
+    await archive.close()
+
+
+async def test_clear_errors_and_no_version_change():
+    archive = await FilesArchive.create(None, "t")
+    await archive.mkdir("/d")
+    await archive.write_file("/d/f", "x")
+    cases = [
+        (archive.write_file("/missing/f", "x"), NotFoundError),
+        (archive.write_file("/d/f/g", "x"), NotADirectoryError_),
+        (archive.write_file("/d", "x"), IsADirectoryError_),
+        (archive.mkdir("/d"), AlreadyExistsError),
+        (archive.unlink("/d"), IsADirectoryError_),
+        (archive.unlink("/nope"), NotFoundError),
+        (archive.rmdir("/d"), DirectoryNotEmptyError),
+        (archive.rmdir("/d/f"), NotADirectoryError_),
+        (archive.rmdir("/"), InvalidPathError),
+        (archive.read_file("/nope"), NotFoundError),
+        (archive.read_file("/d"), IsADirectoryError_),
+        (archive.readdir("/d/f"), NotADirectoryError_),
+    ]
+    for coro, error in cases:
+        with pytest.raises(error):
+            await coro
+    assert archive.version == 3
+    assert await archive.rmdir("/d", recursive=True) == 4
+    assert await archive.readdir("/") == []
+    await archive.close()
+
+
+async def test_blobs_are_stored_once(tmp_path):
+    archive = await FilesArchive.create(tmp_path, "t")
+    for i in range(5):
+        await archive.write_file(f"/copy{i}", "same content")
+    rows = archive.ledger.store.query("SELECT count(*) FROM blobs")
+    assert rows[0][0] == 1
+    await archive.close()
+
+
+async def test_checkout_shows_an_older_version():
+    archive = await FilesArchive.create(None, "t")
+    await archive.write_file("/f", "one")
+    await archive.write_file("/f", "two")
+    view = await archive.checkout(2)
+    assert view.version == 2
+    assert await view.read_file("/f") == "one"
+    assert await archive.read_file("/f") == "two"
+    with pytest.raises(NotFoundError):
+        await archive.checkout(9)
+    await archive.close()
+
+
+def spec_state_root(files: dict[str, tuple[str, bytes | None]]) -> str:
+    """The state root exactly as docs/formats.md defines it, written independently."""
+    leaves = []
+    for path in sorted(files, key=lambda p: p.encode()):
+        kind, content = files[path]
+        obj = {"path": path, "type": kind}
+        if content is not None:
+            obj["hash"] = sha256_hex(content)
+        leaves.append(merkle.leaf_hash(canonical(obj)))
+    return merkle.root_of(leaves).hex()
+
+
+names = st.sampled_from(["a", "b", "c", "é", "Z", "a b"])
+contents = st.binary(max_size=20)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.dictionaries(st.tuples(names, names), contents, max_size=6),
+    st.randoms(use_true_random=False),
+    st.text(max_size=5),
+)
+async def test_state_root_depends_on_content_only(files, rnd, title):
+    """Two archives with the same files have the same root, whatever history, title or key."""
+    dirs = sorted({d for d, _ in files})
+    a = await FilesArchive.create(None, title)
+    b = await FilesArchive.create(None, "other " + title)
+    for d in dirs:
+        await a.mkdir(d)
+    for (d, n), data in files.items():
+        await a.write_file(f"/{d}/{n}", data)
+    # b: different order, extra files later removed, overwritten content
+    order = list(files.items())
+    rnd.shuffle(order)
+    for d in reversed(dirs):
+        await b.mkdir(d)
+    await b.write_file("/scratch", "tmp")
+    for (d, n), data in order:
+        await b.write_file(f"/{d}/{n}", data + b"!")
+        await b.write_file(f"/{d}/{n}", data)
+    await b.unlink("/scratch")
+    expected = {f"/{d}": ("dir", None) for d in dirs}
+    expected.update({f"/{d}/{n}": ("file", c) for (d, n), c in files.items()})
+    assert a.state_root == b.state_root == spec_state_root(expected)
+    await a.close()
+    await b.close()
+
+
+async def test_empty_archive_root_is_the_empty_tree():
+    archive = await FilesArchive.create(None, "t")
+    assert archive.state_root == merkle.EMPTY_ROOT.hex()
+    await archive.close()
+
+
+async def test_transaction_is_discarded_unless_committed():
+    archive = await FilesArchive.create(None, "t")
+    tx = archive.transaction(mtime_ms=1000)
+    tx.write_file("/a", "x")
+    assert tx.version == 2
+    assert tx.read_file_now("/a") == "x"
+    assert archive.version == 1
+    with pytest.raises(NotFoundError):
+        await archive.read_file("/a")
+    tx2 = archive.transaction(mtime_ms=2000)
+    tx2.mkdir("/d")
+    tx2.commit()
+    await archive.ledger.store.flush()
+    assert archive.version == 2
+    assert (await archive.stat("/d")).mtime_ms == 2000
+    await archive.close()

@@ -1,0 +1,90 @@
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from libvms import encoding
+from libvms.errors import EncodingError
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**53) + 1, max_value=2**53 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5)
+    ),
+    max_leaves=30,
+)
+
+
+@given(json_values)
+def test_canonical_roundtrips_and_is_stable(value):
+    data = encoding.canonical(value)
+    parsed = encoding.parse_canonical(data)
+    assert encoding.canonical(parsed) == data
+
+
+@given(st.dictionaries(st.text(max_size=5), st.integers(0, 100), min_size=2, max_size=6))
+def test_key_order_does_not_change_bytes(d):
+    reordered = dict(reversed(list(d.items())))
+    assert encoding.canonical(d) == encoding.canonical(reordered)
+
+
+def test_rfc8785_known_spelling():
+    assert encoding.canonical({"b": 1, "a": [1.5, "x", None, True, 1e21, -0.0]}) == (
+        b'{"a":[1.5,"x",null,true,1e+21,0],"b":1}'
+    )
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        math.nan,
+        math.inf,
+        -math.inf,
+        b"bytes",
+        {1: "non-string key"},
+        2**60,
+        {"set": {1, 2}},
+        object(),
+    ],
+)
+def test_rejects_values_json_cannot_carry(bad):
+    with pytest.raises(EncodingError):
+        encoding.canonical(bad)
+
+
+def test_rejects_deep_nesting_but_accepts_the_bound():
+    ok = []
+    for _ in range(encoding.MAX_DEPTH - 1):
+        ok = [ok]
+    encoding.canonical(ok)
+    too_deep = [ok]
+    for _ in range(2):
+        too_deep = [too_deep]
+    with pytest.raises(EncodingError, match="nested deeper"):
+        encoding.canonical(too_deep)
+
+
+def test_rejects_oversize():
+    with pytest.raises(EncodingError, match="more than"):
+        encoding.canonical({"x": "a" * 100}, max_bytes=50)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [b"NaN", b'{"a":Infinity}', b'{"a":1,"a":2}', b"{", b"[1,]", "[" * 1000 + "]" * 1000],
+)
+def test_parse_rejects_invalid_json(text):
+    with pytest.raises(EncodingError):
+        encoding.parse(text)
+
+
+def test_parse_canonical_rejects_other_spellings():
+    with pytest.raises(EncodingError, match="canonical"):
+        encoding.parse_canonical(b'{"b":1,"a":2}')
+    with pytest.raises(EncodingError, match="canonical"):
+        encoding.parse_canonical(b'{"a": 2}')
