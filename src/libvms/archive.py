@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -111,7 +112,8 @@ class Stat:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form, as scripts see it."""
-        return {"type": self.kind, "size": self.size, "mtime": self.mtime_ms}
+        kind = "directory" if self.kind == "dir" else "file"
+        return {"type": kind, "size": self.size, "mtime": self.mtime_ms}
 
 
 def _leaf(path: str, kind: Kind, content_hash: str | None) -> bytes:
@@ -259,6 +261,9 @@ class _Reader(ABC):
         return self._tree.state_root().hex()
 
     async def stat(self, path: str) -> Stat:
+        return self.stat_now(path)
+
+    def stat_now(self, path: str) -> Stat:
         return self._tree.lookup(normalize_path(path))
 
     async def read_file(self, path: str, encoding: str = "utf8") -> Any:
@@ -423,7 +428,7 @@ class FilesArchive(_Reader):
     async def checkpoint(self) -> str:
         """The latest signed checkpoint of the archive's ledger."""
         await self._store.flush()
-        return self._ledger.sign_now()
+        return self._ledger.checkpoint_text
 
     async def history(self) -> list[dict[str, Any]]:
         """Every mutation: ``{"version", "type", "path"}``, oldest first."""
@@ -463,8 +468,15 @@ class FilesArchive(_Reader):
         return ArchiveTransaction(self, mtime_ms)
 
     def _apply_transaction(self, tx: ArchiveTransaction) -> None:
-        if tx._tree is self._tree:
+        if not tx.entries:
             return
+        if tx._base is not self._tree:
+            # Another write landed while the transaction was open: its entries
+            # must still apply, in order, on top of the archive as it is now.
+            tree = self._tree.copy()
+            for entry in tx.entries:
+                tree.apply(entry)
+            tx._tree = tree
         rows = [(bytes.fromhex(h), d) for h, d in tx._blobs.items()]
         if rows:
             self._store.stage_many("INSERT OR IGNORE INTO blobs (hash, data) VALUES (?, ?)", rows)
@@ -472,13 +484,18 @@ class FilesArchive(_Reader):
         for entry in tx.entries:
             self._ledger.stage_append(entry)
         self._tree = tx._tree
+        tx._release()
+
+    def _mutate_now(self, op: str, *args: Any) -> int:
+        tx = self.transaction()
+        version: int = getattr(tx, op)(*args)
+        tx.commit()
+        return version
 
     async def _mutate(self, op: str, *args: Any) -> int:
-        tx = self.transaction()
-        getattr(tx, op)(*args)
-        tx.commit()
+        version = self._mutate_now(op, *args)
         await self._store.flush()
-        return self.version
+        return version
 
     async def write_file(self, path: str, data: str | bytes, encoding: str = "utf8") -> int:
         """Write a file (str in ``encoding``, or bytes); returns the new version."""
@@ -494,13 +511,46 @@ class FilesArchive(_Reader):
         return await self._mutate("rmdir", path, recursive)
 
 
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_FIELDS: dict[str, set[str]] = {
+    "write": {"type", "path", "hash", "size", "mtime"},
+    "mkdir": {"type", "path", "mtime"},
+    "unlink": {"type", "path", "mtime"},
+    "rmdir": {"type", "path", "mtime", "recursive"},
+}
+
+
+def _check_stored_entry(entry: Any) -> None:
+    """Refuse a stored mutation entry that this code would never have written."""
+    if not isinstance(entry, dict):
+        raise LibVMSError("not an object")
+    fields = _FIELDS.get(entry.get("type"))  # type: ignore[arg-type]
+    if fields is None:
+        raise LibVMSError(f"unknown operation {entry.get('type')!r}")
+    if not set(entry) <= fields or not fields - {"recursive"} <= set(entry):
+        raise LibVMSError(f"fields {sorted(entry)} do not match a {entry['type']} entry")
+    path = entry["path"]
+    if not isinstance(path, str) or normalize_path(path) != path:
+        raise LibVMSError(f"path {path!r} is not normalised")
+    mtime = entry["mtime"]
+    if type(mtime) is not int or mtime < 0:
+        raise LibVMSError("mtime is not a non-negative integer")
+    if "recursive" in entry and entry["recursive"] is not True:
+        raise LibVMSError("recursive must be true when present")
+    if entry["type"] == "write":
+        size = entry["size"]
+        if type(size) is not int or not 0 <= size <= MAX_FILE_BYTES:
+            raise LibVMSError("size is not a valid file size")
+        if not isinstance(entry["hash"], str) or not _HEX64.match(entry["hash"]):
+            raise LibVMSError("hash is not a lowercase hex SHA-256")
+
+
 def _replay(entries: Sequence[Any], upto: int) -> _Tree:
     tree = _Tree()
     for index in range(1, upto):
         entry = entries[index]
         try:
-            if not isinstance(entry, dict):
-                raise LibVMSError("not an object")
+            _check_stored_entry(entry)
             tree.apply(entry)
         except (LibVMSError, KeyError, TypeError, ValueError) as exc:
             raise TamperError(
@@ -525,6 +575,7 @@ class ArchiveTransaction(_Reader):
 
     def __init__(self, archive: FilesArchive, mtime_ms: int | None) -> None:
         self._archive = archive
+        self._base = archive._tree
         self._tree = archive._tree
         self._mtime = mtime_ms
         self.entries: list[dict[str, Any]] = []
@@ -545,7 +596,7 @@ class ArchiveTransaction(_Reader):
     def _push(self, entry: dict[str, Any]) -> int:
         if self._done:
             raise LibVMSError("transaction already finished")
-        tree = self._tree.copy() if self._tree is self._archive._tree else self._tree
+        tree = self._tree.copy() if self._tree is self._base else self._tree
         tree.apply(entry)
         self._tree = tree
         self.entries.append(entry)
@@ -594,11 +645,20 @@ class ArchiveTransaction(_Reader):
         }
 
     def commit(self) -> None:
-        """Stage the mutations into the archive (durable at the next flush)."""
+        """Stage the mutations into the archive (durable at the next flush).
+
+        Raises the archive error if the mutations no longer apply because the
+        archive changed since the transaction began; nothing is staged then.
+        """
         if self._done:
             raise LibVMSError("transaction already finished")
-        self._done = True
         self._archive._apply_transaction(self)
+        self._done = True
+
+    def _release(self) -> None:
+        # Drop the references to tree copies so gathered writes don't pile them up.
+        self._base = self._tree = self._archive._tree
+        self._blobs = {}
 
 
 class ArchiveView(_Reader):

@@ -28,9 +28,20 @@ MAX_ENTRY_BYTES = 8 * 1024 * 1024
 
 _SAFE_INT = 2**53 - 1
 
+_fast_dumps = json.JSONEncoder(
+    ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False
+).encode
 
-def check_value(value: Any, *, max_depth: int = MAX_DEPTH) -> None:
-    """Raise :class:`EncodingError` unless ``value`` is a JSON value canonical JSON can carry."""
+
+def check_value(value: Any, *, max_depth: int = MAX_DEPTH) -> bool:
+    """Raise :class:`EncodingError` unless ``value`` is a JSON value canonical JSON can carry.
+
+    Returns True when the value holds no floats and no object keys outside the
+    Basic Multilingual Plane: then plain sorted ``json.dumps`` output is
+    already RFC 8785 canonical (same escapes, same integer spelling, and key
+    order by code point equals order by UTF-16 code unit).
+    """
+    simple = True
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         item, depth = stack.pop()
@@ -43,6 +54,7 @@ def check_value(value: Any, *, max_depth: int = MAX_DEPTH) -> None:
         if isinstance(item, float):
             if item != item or item in (float("inf"), float("-inf")):
                 raise EncodingError(f"{item} cannot be represented in JSON")
+            simple = False
             continue
         if isinstance(item, (list, tuple)):
             if depth >= max_depth:
@@ -55,9 +67,12 @@ def check_value(value: Any, *, max_depth: int = MAX_DEPTH) -> None:
             for key, x in item.items():
                 if not isinstance(key, str):
                     raise EncodingError(f"object key {key!r} is not a string")
+                if simple and not key.isascii() and max(key) > "\uffff":
+                    simple = False
                 stack.append((x, depth + 1))
             continue
         raise EncodingError(f"{type(item).__name__} values cannot be represented in JSON")
+    return simple
 
 
 def canonical(value: Any, *, max_bytes: int = MAX_ENTRY_BYTES) -> bytes:
@@ -66,10 +81,10 @@ def canonical(value: Any, *, max_bytes: int = MAX_ENTRY_BYTES) -> bytes:
     Raises :class:`EncodingError` for anything JSON cannot carry exactly, or when
     the encoding is longer than ``max_bytes``.
     """
-    check_value(value)
     try:
-        data: bytes = rfc8785.dumps(value)
-    except (rfc8785.CanonicalizationError, RecursionError) as exc:
+        simple = check_value(value)
+        data = _fast_dumps(value).encode("utf-8") if simple else rfc8785.dumps(value)
+    except (rfc8785.CanonicalizationError, RecursionError, UnicodeEncodeError) as exc:
         raise EncodingError(str(exc)) from exc
     if len(data) > max_bytes:
         raise EncodingError(

@@ -57,6 +57,7 @@ class Ledger:
         self._staged: dict[int, bytes] = {}
         self._signed_size = -1
         self._checkpoint_text: str | None = None
+        self._batch_checkpoint: str | None = None
         self._ckpt_key = f"{name}.checkpoint"
         self._pub_key = f"{name}.public_key"
         store.execute_now(
@@ -77,6 +78,16 @@ class Ledger:
         store.stage(
             "INSERT INTO meta (key, value) VALUES (?, ?)", (ledger._pub_key, keypair.public_key)
         )
+        return ledger
+
+    @classmethod
+    def create_copy(cls, store: Store, name: str, public_key: bytes) -> Ledger:
+        """A new, empty read-only copy of someone else's ledger, filled by
+        :meth:`extend_verified` with entries that verify against ``public_key``."""
+        if store.query("SELECT 1 FROM meta WHERE key = ?", (f"{name}.public_key",)):
+            raise LibVMSError(f"a {name} ledger already exists here")
+        ledger = cls(store, name, public_key)
+        store.stage("INSERT INTO meta (key, value) VALUES (?, ?)", (ledger._pub_key, public_key))
         return ledger
 
     @classmethod
@@ -213,6 +224,9 @@ class Ledger:
     def _on_durable(self) -> None:
         for seq in [s for s in self._staged if s < self._batch_size]:
             del self._staged[seq]
+        if self._batch_checkpoint is not None:
+            self._checkpoint_text = self._batch_checkpoint
+            self._batch_checkpoint = None
 
     def _commit_hook(self) -> list[Write]:
         self._batch_size = self.tree.size
@@ -221,7 +235,7 @@ class Ledger:
         checkpoint = Checkpoint(self.origin, self.tree.size, self.tree.root())
         text = sign_checkpoint(checkpoint, self.keypair)
         self._signed_size = self.tree.size
-        self._checkpoint_text = text
+        self._batch_checkpoint = text
         return [
             (
                 "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
@@ -241,7 +255,8 @@ class Ledger:
         added = 0
         try:
             for data in entries:
-                encoding.parse_canonical(data)
+                if not isinstance(encoding.parse_canonical(data), dict):
+                    raise EncodingError("entry is not a JSON object")
                 self.tree.append(merkle.leaf_hash(data))
                 added += 1
                 if self.tree.size > checkpoint.size:
@@ -253,7 +268,9 @@ class Ledger:
                 )
         except EncodingError as exc:
             self.tree.truncate(base)
-            raise TamperError(f"{self.name} entry {base + added} is not canonical JSON") from exc
+            raise TamperError(
+                f"{self.name} entry {base + added} is not a canonical JSON object: {exc}"
+            ) from exc
         except BaseException:
             self.tree.truncate(base)
             raise
@@ -268,18 +285,8 @@ class Ledger:
         )
 
     @property
-    def checkpoint_text(self) -> str | None:
-        """The latest signed checkpoint (may cover entries whose commit is in flight)."""
-        return self._checkpoint_text
-
-    def sign_now(self) -> str:
-        """A signed checkpoint for the current tree (signs the empty tree too)."""
-        if self.keypair is None:
-            if self._checkpoint_text is None:
-                raise LibVMSError(f"this {self.name} copy has no checkpoint")
-            return self._checkpoint_text
-        if self._checkpoint_text is None or self._signed_size != self.tree.size:
-            checkpoint = Checkpoint(self.origin, self.tree.size, self.tree.root())
-            self._checkpoint_text = sign_checkpoint(checkpoint, self.keypair)
-            self._signed_size = self.tree.size
+    def checkpoint_text(self) -> str:
+        """The latest signed checkpoint that is durable (covers only committed entries)."""
+        if self._checkpoint_text is None:
+            raise LibVMSError(f"this {self.name} has no checkpoint yet")
         return self._checkpoint_text

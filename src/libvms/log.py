@@ -38,7 +38,7 @@ ABSENT: Any = _Absent()
 def init_entry(code: str, files_archive_url: str, **extra: Any) -> dict[str, Any]:
     """The ``init`` entry that starts every call log."""
     entry: dict[str, Any] = {"type": "init", "code": code, "filesArchiveUrl": files_archive_url}
-    entry.update({k: v for k, v in extra.items() if v is not ABSENT})
+    entry.update({k: v for k, v in extra.items() if v is not ABSENT and v is not None})
     return entry
 
 
@@ -193,7 +193,7 @@ class CallLog:
     async def checkpoint(self) -> str:
         """The latest signed checkpoint, as C2SP signed-note text, once it is durable."""
         await self._ledger.store.flush()
-        return self._ledger.sign_now()
+        return self._ledger.checkpoint_text
 
     # -- reading ---------------------------------------------------------------
 
@@ -215,7 +215,9 @@ class CallLog:
         """RFC 9162 inclusion proof of entry ``seq`` in the tree of ``size`` entries."""
         return self._ledger.tree.inclusion_proof(seq, size)
 
-    async def consistency_proof(self, old_size: int, new_size: int | None = None) -> builtins.list[bytes]:
+    async def consistency_proof(
+        self, old_size: int, new_size: int | None = None
+    ) -> builtins.list[bytes]:
         """RFC 9162 consistency proof between the trees of ``old_size`` and ``new_size``."""
         return self._ledger.tree.consistency_proof(old_size, new_size)
 

@@ -60,6 +60,7 @@ class Store:
             # FULL: in WAL mode NORMAL does not fsync at commit, and an append
             # must survive power loss once acknowledged.
             self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA journal_size_limit=67108864")
             self._conn.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise TamperError(f"database {target} is unreadable: {exc}", where=target) from exc
@@ -144,9 +145,7 @@ class Store:
         self._check()
         self._pending.append((sql, list(rows), True))
 
-    def add_commit_hook(
-        self, before: Callable[[], list[Write]], after: Callable[[], None]
-    ) -> None:
+    def add_commit_hook(self, before: Callable[[], list[Write]], after: Callable[[], None]) -> None:
         """Register a pair of callbacks run on the event loop around each commit.
 
         ``before`` runs just before a commit and its writes join that commit:

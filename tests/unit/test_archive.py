@@ -190,3 +190,30 @@ async def test_transaction_is_discarded_unless_committed():
     assert archive.version == 2
     assert (await archive.stat("/d")).mtime_ms == 2000
     await archive.close()
+
+
+async def test_transaction_reapplies_on_top_of_writes_that_landed_meanwhile(tmp_path):
+    archive = await FilesArchive.create(tmp_path, "t")
+    tx = archive.transaction(mtime_ms=1)
+    tx.write_file("/a", "from the transaction")
+    await archive.write_file("/b", "landed first")
+    tx.commit()
+    await archive.ledger.store.flush()
+    assert await archive.readdir("/") == ["a", "b"]
+    root = archive.state_root
+    await archive.close()
+    again = await FilesArchive.open(tmp_path)
+    assert again.state_root == root
+    await again.close()
+
+
+async def test_conflicting_transaction_is_refused_and_nothing_is_staged():
+    archive = await FilesArchive.create(None, "t")
+    tx = archive.transaction(mtime_ms=1)
+    tx.write_file("/x", "file")
+    await archive.mkdir("/x")
+    with pytest.raises(IsADirectoryError_):
+        tx.commit()
+    assert archive.version == 2
+    assert (await archive.stat("/x")).is_dir()
+    await archive.close()

@@ -27,10 +27,41 @@ def test_canonical_roundtrips_and_is_stable(value):
     assert encoding.canonical(parsed) == data
 
 
+non_float_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**53) + 1, max_value=2**53 - 1)
+    | st.text(alphabet=st.characters(exclude_categories=["Cs"])),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5)
+    ),
+    max_leaves=30,
+)
+
+
+@given(non_float_values)
+def test_fast_path_spells_exactly_what_rfc8785_spells(value):
+    import rfc8785
+
+    assert encoding.canonical(value) == rfc8785.dumps(value)
+
+
 @given(st.dictionaries(st.text(max_size=5), st.integers(0, 100), min_size=2, max_size=6))
 def test_key_order_does_not_change_bytes(d):
     reordered = dict(reversed(list(d.items())))
     assert encoding.canonical(d) == encoding.canonical(reordered)
+
+
+def test_non_bmp_keys_sort_by_utf16_code_units():
+    # U+10000 is D800 DC00 in UTF-16, which sorts before U+FFFF; by code point it is after.
+    assert encoding.canonical({"\U00010000": 1, "\uffff": 2}) == (
+        '{"\U00010000":1,"\uffff":2}'.encode()
+    )
+
+
+def test_lone_surrogates_are_rejected():
+    with pytest.raises(EncodingError):
+        encoding.canonical({"a": "\ud800"})
 
 
 def test_rfc8785_known_spelling():

@@ -1,0 +1,223 @@
+"""RPC benchmarks: calls per second and latency over WebSocket, debug and signed mode.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/rpc.py               # full run, about two minutes
+    .venv/bin/python benchmarks/rpc.py --quick       # shorter runs, well under a minute
+    .venv/bin/python benchmarks/rpc.py --store memory   # VM ledgers in memory, not on disk
+
+The server runs in its own process (as it would in production), the clients in
+this one, all on 127.0.0.1. Each scenario runs closed-loop clients, each with its
+own connection and one call in flight, for a fixed time, and reports calls per
+second and the p50/p99 latency of one call. A last scenario offers 1,000 calls/s
+open-loop (calls start on a fixed schedule whatever the replies do) and
+measures latency from each call's scheduled start, so a slow reply is not hidden
+by the calls that would have been sent while it was pending.
+
+Every measured call is durable when its reply arrives: with ``--store disk``
+(the default) it has been committed with fsync and covered by a signed
+checkpoint; in signed mode the client has also verified the call's receipt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.table import Table
+
+from libvms.keys import Keypair
+from libvms.rpc import RPCClient, RPCServer
+from libvms.vm import BackendVM
+
+SCRIPT = """
+exports.pure = (x) => x
+exports.write = async (v) => { await System.files.writeFile('/f', v); return v }
+"""
+
+console = Console(width=None if sys.stdout.isatty() else 150, log_path=False)
+
+
+# --- server process ----------------------------------------------------------------------------
+
+
+async def serve(store: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="libvms-bench-") as tmp:
+        vm = BackendVM(SCRIPT)
+        await vm.deploy(None if store == "memory" else tmp, title="bench")
+        async with RPCServer(vm, port=0) as server:
+            print(server.port, flush=True)
+            # Serve until the parent closes our stdin.
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        await vm.close()
+
+
+# --- clients -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    name: str
+    clients: int
+    calls: int
+    seconds: float
+    latencies: list[float]
+
+    @property
+    def rate(self) -> float:
+        return self.calls / self.seconds
+
+    def percentile(self, p: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] * 1000
+
+
+async def connect(url: str, count: int, signed: bool) -> list[RPCClient]:
+    clients = [
+        RPCClient(url, key=Keypair.generate(), keep_receipts=False)
+        if signed
+        else RPCClient(url, user=f"user{i}")
+        for i in range(count)
+    ]
+    await asyncio.gather(*(c.connect() for c in clients))
+    return clients
+
+
+async def closed_loop(url: str, method: str, signed: bool, count: int, seconds: float) -> Result:
+    clients = await connect(url, count, signed)
+    latencies: list[float] = []
+    stop = 0.0
+
+    async def run(client: RPCClient, measure: bool) -> int:
+        done = 0
+        clock = time.perf_counter
+        while clock() < stop:
+            start = clock()
+            await client.call(method, "v")
+            if measure:
+                latencies.append(clock() - start)
+            done += 1
+        return done
+
+    try:
+        stop = time.perf_counter() + min(0.3, seconds / 4)  # warm up
+        await asyncio.gather(*(run(c, False) for c in clients))
+        started = time.perf_counter()
+        stop = started + seconds
+        counts = await asyncio.gather(*(run(c, True) for c in clients))
+        elapsed = time.perf_counter() - started
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
+    mode = "signed" if signed else "debug"
+    return Result(f"{method}, {mode}", count, sum(counts), elapsed, latencies)
+
+
+async def open_loop(url: str, rate: float, seconds: float, connections: int) -> Result:
+    clients = await connect(url, connections, signed=False)
+    latencies: list[float] = []
+    total = int(rate * seconds)
+
+    async def one(client: RPCClient, due: float) -> None:
+        await client.call("pure", "v")
+        latencies.append(time.perf_counter() - due)
+
+    try:
+        tasks = []
+        started = time.perf_counter()
+        for i in range(total):
+            due = started + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one(clients[i % connections], due)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - started
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
+    return Result(f"pure, debug, {rate:.0f}/s offered", connections, total, elapsed, latencies)
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def start_server(store: str) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve", "--store", store],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.strip().isdigit():
+        proc.kill()
+        raise SystemExit(f"the server process did not start: {line!r}")
+    return proc, int(line)
+
+
+async def run_all(url: str, quick: bool) -> list[Result]:
+    seconds = 0.8 if quick else 3.0
+    results = []
+    for signed in (False, True):
+        for method in ("pure", "write"):
+            for count in (1, 8, 64):
+                result = await closed_loop(url, method, signed, count, seconds)
+                console.log(
+                    f"{result.name:>15} x{count:<3} {result.rate:8.0f} calls/s  "
+                    f"p50 {result.percentile(50):6.2f} ms  p99 {result.percentile(99):6.2f} ms"
+                )
+                results.append(result)
+    results.append(await open_loop(url, 1000.0, 1.5 if quick else 5.0, 64))
+    return results
+
+
+def report(results: list[Result], store: str) -> None:
+    table = Table(
+        title=f"libvms RPC, {store} store ({platform.python_version()}, "
+        f"{os.cpu_count()} CPUs, {platform.machine()})"
+    )
+    for column in ("scenario", "clients", "calls", "calls/s", "p50 ms", "p99 ms", "mean ms"):
+        table.add_column(column, justify="left" if column == "scenario" else "right")
+    for r in results:
+        table.add_row(
+            r.name,
+            str(r.clients),
+            str(r.calls),
+            f"{r.rate:,.0f}",
+            f"{r.percentile(50):.2f}",
+            f"{r.percentile(99):.2f}",
+            f"{statistics.fmean(r.latencies) * 1000:.2f}",
+        )
+    console.print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short runs")
+    parser.add_argument("--store", choices=("disk", "memory"), default="disk")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        asyncio.run(serve(args.store))
+        return
+    proc, port = start_server(args.store)
+    try:
+        results = asyncio.run(run_all(f"ws://127.0.0.1:{port}/", args.quick))
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    report(results, args.store)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""Fetch a VM's call log and files archive over HTTP, trusting only the keys in their URLs.
+
+A ledger URL is self-certifying: ``http://host:port/<mount>/log#<base64url key>``.
+The location (before ``#``) says where to ask; the key (after it) says whom to
+believe. Everything fetched is checked against that key before it is kept:
+
+1. the latest checkpoint must be signed by the key (C2SP signed note);
+2. the entries must be canonical JSON and hash to exactly that checkpoint's
+   size and root (RFC 9162);
+3. when extending a copy (:func:`refresh`), the new checkpoint must be
+   consistent with the one already held (RFC 9162 §2.1.4 consistency proof);
+4. every blob of the archive's current files must hash to its name.
+
+Any mismatch raises :class:`~libvms.errors.TamperError` and nothing is kept;
+a server that cannot be reached, or answers with an HTTP error, raises
+:class:`~libvms.errors.ConnectError`. The endpoints are described in
+``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from . import encoding, merkle
+from .archive import LEDGER_NAME as ARCHIVE_LEDGER
+from .archive import FilesArchive
+from .checkpoint import Checkpoint, open_checkpoint
+from .errors import ConnectError, LibVMSError, TamperError
+from .keys import parse_ledger_url
+from .ledger import Ledger
+from .log import LEDGER_NAME as CALL_LOG_LEDGER
+from .log import CallLog
+from .rpc import protocol
+from .store import Store
+
+__all__ = ["fetch_call_log", "fetch_files_archive", "refresh"]
+
+#: Largest checkpoint note accepted, in bytes.
+MAX_CHECKPOINT_BYTES = 64 * 1024
+
+#: Largest proof body accepted (64 hashes of base64 and LF).
+MAX_PROOF_BYTES = 64 * 45
+
+#: Largest entries page accepted: a full page plus one entry of the largest size.
+MAX_ENTRIES_BODY = protocol.MAX_PAGE_BYTES + encoding.MAX_ENTRY_BYTES + 1
+
+#: Blobs fetched at once.
+BLOB_CONCURRENCY = 8
+
+_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=60.0)
+
+
+def _split_url(url: str) -> tuple[str, bytes]:
+    location, public_key = parse_ledger_url(url)
+    if location is None:
+        raise ValueError(f"ledger URL {url!r} has no http(s) location to fetch from")
+    return location.rstrip("/"), public_key
+
+
+@contextlib.asynccontextmanager
+async def _session(given: aiohttp.ClientSession | None) -> AsyncIterator[aiohttp.ClientSession]:
+    if given is not None:
+        yield given
+        return
+    async with aiohttp.ClientSession(timeout=_TIMEOUT) as session:
+        yield session
+
+
+class _Source:
+    """One ledger's HTTP endpoints, read with bounded sizes."""
+
+    def __init__(self, session: aiohttp.ClientSession, location: str) -> None:
+        self.session = session
+        self.location = location
+
+    async def get(self, path: str, limit: int, params: Mapping[str, int] | None = None) -> bytes:
+        url = self.location + path
+        query = {k: str(v) for k, v in (params or {}).items()}
+        try:
+            async with self.session.get(url, params=query, allow_redirects=False) as response:
+                if response.status != 200:
+                    detail = (await response.content.read(300)).decode("utf-8", "replace")
+                    raise ConnectError(
+                        f"GET {url} answered HTTP {response.status}: {detail.strip()}"
+                    )
+                declared = response.content_length
+                if declared is not None and declared > limit:
+                    raise TamperError(f"GET {url} announced {declared} bytes, over {limit}")
+                body = bytearray()
+                async for chunk in response.content.iter_chunked(65536):
+                    body += chunk
+                    if len(body) > limit:
+                        raise TamperError(f"GET {url} sent more than {limit} bytes")
+                return bytes(body)
+        except aiohttp.ClientPayloadError as exc:
+            raise TamperError(f"GET {url}: truncated response ({exc})") from exc
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            raise ConnectError(f"GET {url} failed: {exc or type(exc).__name__}") from exc
+
+    async def checkpoint(self, ledger: Ledger) -> tuple[str, Checkpoint]:
+        body = await self.get("/checkpoint", MAX_CHECKPOINT_BYTES)
+        checkpoint = open_checkpoint(body, ledger.verifier)
+        return body.decode("utf-8"), checkpoint
+
+    async def entries(self, start: int, end: int) -> list[bytes]:
+        out: list[bytes] = []
+        position = start
+        while position < end:
+            body = await self.get("/entries", MAX_ENTRIES_BODY, {"start": position, "end": end})
+            page = protocol.parse_entries(body, most=end - position)
+            if not page:
+                raise TamperError(
+                    f"{self.location} sent no entries from {position}, "
+                    f"though its checkpoint has {end}"
+                )
+            out.extend(page)
+            position += len(page)
+        return out
+
+    async def consistency(self, old: int, new: int) -> list[bytes]:
+        body = await self.get("/proof/consistency", MAX_PROOF_BYTES, {"old": old, "new": new})
+        return protocol.parse_proof(body)
+
+    async def blob(self, content_hash: str, size: int) -> bytes:
+        data = await self.get(f"/blobs/{content_hash}", size)
+        if len(data) != size or encoding.sha256_hex(data) != content_hash:
+            raise TamperError(
+                f"blob {content_hash} from {self.location} does not match its hash",
+                where=content_hash,
+            )
+        return data
+
+
+def _check_key(ledger: Ledger, public_key: bytes, url: str) -> None:
+    if ledger.public_key != public_key:
+        raise TamperError(f"{url} names another ledger than the one held here")
+
+
+async def _extend(source: _Source, ledger: Ledger) -> tuple[list[bytes], str] | None:
+    """Fetch what ``ledger`` lacks and check it; the entries and checkpoint, or None if current.
+
+    Nothing is staged: the caller applies the result with ``extend_verified``.
+    """
+    text, checkpoint = await source.checkpoint(ledger)
+    old_size = ledger.length
+    old_root = ledger.tree.root()
+    if checkpoint.size < old_size:
+        raise TamperError(
+            f"{source.location} signed a checkpoint of {checkpoint.size} entries, "
+            f"older than the {old_size} held here (rollback or fork)"
+        )
+    if checkpoint.size == old_size:
+        if checkpoint.root_hash != old_root:
+            raise TamperError(f"{source.location} signed two different trees of {old_size}")
+        return None
+    if old_size > 0:
+        # RFC 9162 §2.1.4.2: the new tree must extend the one held here.
+        proof = await source.consistency(old_size, checkpoint.size)
+        merkle.verify_consistency(old_size, checkpoint.size, old_root, checkpoint.root_hash, proof)
+    entries = await source.entries(old_size, checkpoint.size)
+    return entries, text
+
+
+async def _fetch_blobs(source: _Source, archive: FilesArchive) -> list[tuple[bytes, bytes]]:
+    """Fetch every blob of the archive's current files that its store lacks."""
+    wanted: dict[str, int] = {}
+    for stat in archive.files().values():
+        if stat.hash is not None:
+            wanted[stat.hash] = stat.size
+    store = archive.ledger.store
+    missing = [
+        (h, size)
+        for h, size in sorted(wanted.items())
+        if not store.query("SELECT 1 FROM blobs WHERE hash = ?", (bytes.fromhex(h),))
+    ]
+    slots = asyncio.Semaphore(BLOB_CONCURRENCY)
+
+    async def one(content_hash: str, size: int) -> tuple[bytes, bytes]:
+        async with slots:
+            return bytes.fromhex(content_hash), await source.blob(content_hash, size)
+
+    return list(await asyncio.gather(*(one(h, s) for h, s in missing)))
+
+
+def _open_store(dir: str | Path | None) -> tuple[Store, Path | None]:
+    directory = None if dir is None else Path(dir)
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+    return Store.open(directory), directory
+
+
+async def fetch_call_log(
+    url: str, dir: str | Path | None = None, *, session: aiohttp.ClientSession | None = None
+) -> CallLog:
+    """Download and verify the call log at ``url`` into ``dir`` (None: memory).
+
+    Returns a read-only :class:`CallLog` whose ``location`` is the URL's
+    location; extend it later with :func:`refresh`. ``dir`` must not hold a call
+    log already.
+    """
+    location, public_key = _split_url(url)
+    store, directory = _open_store(dir)
+    ledger: Ledger | None = None
+    try:
+        ledger = Ledger.create_copy(store, CALL_LOG_LEDGER, public_key)
+        async with _session(session) as http:
+            fetched = await _extend(_Source(http, location), ledger)
+        if fetched is not None:
+            ledger.extend_verified(*fetched)
+        await store.flush()
+    except BaseException:
+        if ledger is not None:
+            ledger.close()
+        store.close()
+        raise
+    log = CallLog(ledger, directory)
+    log.location = location
+    return log
+
+
+async def fetch_files_archive(
+    url: str, dir: str | Path | None = None, *, session: aiohttp.ClientSession | None = None
+) -> FilesArchive:
+    """Download and verify the files archive at ``url``, with its current files' blobs.
+
+    Returns a read-only :class:`FilesArchive` (into ``dir``, or memory). Blobs of
+    files that are no longer in the current tree are not fetched, so a
+    checkout of an older version may miss some.
+    """
+    location, public_key = _split_url(url)
+    store, directory = _open_store(dir)
+    ledger: Ledger | None = None
+    archive: FilesArchive | None = None
+    try:
+        ledger = Ledger.create_copy(store, ARCHIVE_LEDGER, public_key)
+        async with _session(session) as http:
+            source = _Source(http, location)
+            fetched = await _extend(source, ledger)
+            if fetched is None:
+                raise TamperError(f"{location} serves an empty files archive (no genesis)")
+            ledger.extend_verified(*fetched)
+            archive = FilesArchive._from_ledger(ledger, directory)
+            rows = await _fetch_blobs(source, archive)
+        if rows:
+            store.stage_many("INSERT OR IGNORE INTO blobs (hash, data) VALUES (?, ?)", rows)
+        await store.flush()
+    except BaseException:
+        if archive is not None:
+            store.remove_commit_hook(archive._before_commit)
+        if ledger is not None:
+            ledger.close()
+        store.close()
+        raise
+    archive.location = location
+    return archive
+
+
+async def refresh(
+    ledger_owner: CallLog | FilesArchive,
+    url: str | None = None,
+    *,
+    session: aiohttp.ClientSession | None = None,
+) -> int:
+    """Bring a fetched copy up to date with its source; returns how many entries were added.
+
+    ``url`` defaults to the copy's own ``location``. The server's latest
+    checkpoint must be signed by the copy's key and be consistent with the
+    tree held (RFC 9162 consistency proof); then only the new entries are
+    fetched, verified and appended (for an archive, with the new files' blobs).
+    """
+    ledger = ledger_owner.ledger
+    if ledger.keypair is not None:
+        raise LibVMSError("this ledger is written here; only fetched copies can be refreshed")
+    if url is None:
+        if ledger_owner.location is None:
+            raise ValueError("this copy has no location: pass the ledger URL")
+        location = ledger_owner.location.rstrip("/")
+    else:
+        location, public_key = _split_url(url)
+        _check_key(ledger, public_key, url)
+    store = ledger.store
+    async with _session(session) as http:
+        source = _Source(http, location)
+        fetched = await _extend(source, ledger)
+        if fetched is None:
+            return 0
+        entries, text = fetched
+        rows: list[tuple[bytes, bytes]] = []
+        if isinstance(ledger_owner, FilesArchive):
+            tree = _applied(ledger_owner, entries)
+            ledger.extend_verified(entries, text)
+            ledger_owner._tree = tree
+            rows = await _fetch_blobs(source, ledger_owner)
+        else:
+            ledger.extend_verified(entries, text)
+    if rows:
+        store.stage_many("INSERT OR IGNORE INTO blobs (hash, data) VALUES (?, ?)", rows)
+    await store.flush()
+    return len(entries)
+
+
+def _applied(archive: FilesArchive, entries: list[bytes]) -> Any:
+    """The archive's tree with ``entries`` applied, leaving the archive as it is."""
+    tree = archive._tree.copy()
+    base = archive.version
+    for offset, data in enumerate(entries):
+        try:
+            entry = encoding.parse(data)
+            if not isinstance(entry, dict):
+                raise LibVMSError("not an object")
+            tree.apply(entry)
+        except (LibVMSError, KeyError, TypeError, ValueError) as exc:
+            raise TamperError(
+                f"files archive entry {base + offset} is not a valid mutation: {exc}",
+                where=str(base + offset),
+            ) from exc
+    return tree

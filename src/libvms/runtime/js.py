@@ -1,0 +1,647 @@
+"""The JavaScript runtime of a VM: QuickJS (quickjs-ng), made deterministic.
+
+A :class:`JSRuntime` owns one QuickJS context. A prelude (``prelude.js``) is
+evaluated first; it replaces every source of non-determinism (clock, timers,
+``Math.random``, host time zone) with virtual, host-driven equivalents, removes
+host-specific globals, and keeps a private bridge to the host in a closure. The
+script is then evaluated as a CommonJS module body.
+
+Determinism rules (what a replay on any machine relies on):
+
+* The host drives the event loop itself (:meth:`JSRuntime.call`): it runs every
+  pending job, then serves the script's host requests one at a time in the order
+  they were made, and only when nothing else can run and the call's promise is
+  still pending does it fire the next virtual timer, ordered by (deadline,
+  creation order), advancing the virtual clock to its deadline. Real time is
+  never read by the script and never slept on.
+* Timers do not outlive their call: once the call's promise has settled and its
+  remaining jobs and requests are drained, every timer left is cleared. Timers
+  created while the script loads never fire.
+* ``Date`` is UTC-only and reads the virtual clock (the call's ``timestamp_ms``
+  plus the virtual time timers advanced). ``Math.random`` is xoshiro128** whose
+  state is ``SHA-256(seed)[0:16]`` as four little-endian uint32, reseeded at load
+  and at the start of every call.
+* Results are serialised in JS by a strict encoder: ``undefined`` object members
+  are dropped as JSON.stringify does, but anything JSON would silently change
+  (NaN, Infinity, BigInt, functions, symbols, ``undefined`` in arrays, cycles,
+  Maps, Sets, binary data, errors, lone surrogates, nesting deeper than
+  :data:`libvms.encoding.MAX_DEPTH`) makes the call fail with ``EncodingError``.
+* A thrown Error gives ``(error.name, error.message)``; any other thrown value
+  gives ``("Error", String(value))``. Lone surrogates in either are replaced
+  by U+FFFD.
+
+No Python callable is ever exposed to the script: the quickjs wrapper cannot
+combine them with its time limit, and an exception inside one poisons the
+interpreter. All traffic goes through JSON strings passed to one JS dispatcher
+function that only the host holds.
+
+Threading: the quickjs wrapper releases the GIL while JS runs, but one context
+must only ever be used from one thread (the wrapper's own documentation reports
+crashes otherwise), so use a :class:`JSRuntime` from the thread that created it,
+one call at a time. JS runs synchronously inside :meth:`JSRuntime.call` and
+blocks the event loop while it runs (at most ``call_timeout`` per call).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.metadata
+import importlib.resources
+import json
+import locale
+import logging
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import quickjs
+
+from ..encoding import MAX_DEPTH
+from ..errors import EncodingError, LimitExceeded, ScriptError, VMCallError
+
+__all__ = [
+    "ENGINE_NAME",
+    "ENGINE_VERSION",
+    "PRELUDE_VERSION",
+    "CallOutcome",
+    "HostError",
+    "HostHandler",
+    "JSRuntime",
+]
+
+#: The JavaScript engine, as recorded with a VM.
+ENGINE_NAME = "quickjs-ng"
+
+#: Version of the installed quickjs-ng package.
+ENGINE_VERSION: str = importlib.metadata.version("quickjs-ng")
+
+#: Version of the prelude's observable behaviour. Bump it whenever a script could
+#: see a difference (globals, Date formatting, PRNG, timer order, encodings...).
+PRELUDE_VERSION = "1"
+
+#: Console lines kept per call (or load); further lines are dropped with a note.
+MAX_LOG_LINES = 1000
+
+#: Longest console line kept, in characters; longer lines are cut.
+MAX_LOG_CHARS = 10_000
+
+HostHandler = Callable[[str, list[Any]], Awaitable[Any]]
+"""``await host(op, args)`` serves one request of the script.
+
+``op`` is one of ``files.getInfo``, ``files.stat``, ``files.readFile``,
+``files.readdir``, ``files.writeFile``, ``files.mkdir``, ``files.unlink``,
+``files.rmdir``, ``files.history`` or ``oracle``. ``args`` and the result are
+JSON values in which binary data is Python ``bytes``. Raise :class:`HostError`
+to reject the script's promise; any other exception is a host bug: it propagates
+out of :meth:`JSRuntime.call` and leaves the runtime broken.
+
+Arguments per op (trailing ``undefined`` arguments are dropped):
+
+* ``files.readFile``: ``[path, encoding]`` with encoding one of ``"utf8"``,
+  ``"binary"``, ``"base64"``, ``"hex"``; return ``str`` (``bytes`` for binary).
+* ``files.writeFile``: ``[path, data, encoding]``: ``data`` is ``bytes`` with
+  encoding ``"binary"``, else ``str`` with ``"utf8"``, ``"base64"`` or ``"hex"``.
+* ``files.stat``: ``[path]``; return an object with ``size``, ``mtime`` (ms since
+  the epoch, or an ISO string) and ``type`` (``"file"``/``"directory"``) or a
+  boolean ``isDirectory``/``isFile``. The script gets an object with the same
+  fields (``mtime``/``ctime`` as Dates) and ``isFile()``/``isDirectory()``.
+* ``files.readdir``: ``[path]`` or ``[path, opts]``; entries that are objects with
+  a ``stat`` object get it converted like ``files.stat``'s result.
+* ``files.getInfo``, ``files.mkdir``, ``files.unlink``, ``files.rmdir``,
+  ``files.history``: the script's arguments as given.
+* ``oracle``: ``[name, args]``.
+"""
+
+
+class HostError(Exception):
+    """Raised by a host handler to reject the script's promise with a JS Error of this name."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"{name}: {message}")
+        self.name = name
+        self.message = message
+
+
+@dataclass(frozen=True)
+class CallOutcome:
+    """What a call resolved or rejected to."""
+
+    #: JSON value the call resolved to (only meaningful when ``has_value``).
+    value: Any = None
+    #: False when the result was ``undefined``.
+    has_value: bool = False
+    #: ``(name, message)`` when the script threw or its promise rejected.
+    error: tuple[str, str] | None = None
+    #: How far timers advanced the virtual clock during the call, in ms.
+    virtual_ms: int = 0
+
+
+# Dispatcher commands understood by the prelude.
+_BEGIN = 1
+_POLL = 2
+_SETTLE = 3
+_LOAD = 4
+_EXPORTS = 5
+_EXPORT_VALUE = 6
+_SETTLE_WIRE = 7
+
+_SAFE_INT = 2**53 - 1
+
+# First characters of prelude statuses; anything else is a bare JSON value.
+_STATUS_CODES = frozenset("DPRTUX")
+
+_LOG_LEVELS = {
+    "log": logging.INFO,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "debug": logging.DEBUG,
+}
+
+_PRELUDE_SOURCE = (
+    importlib.resources.files("libvms.runtime").joinpath("prelude.js").read_text("utf-8")
+)
+
+
+def _parse_int(text: str) -> int | float:
+    # Every JS number is a double: an integer beyond the safe range is the
+    # double's exact value, so carry it as a float (canonical JSON prints it back
+    # the way JS does).
+    value = int(text)
+    if -_SAFE_INT <= value <= _SAFE_INT:
+        return value
+    return float(value)
+
+
+_decode = json.JSONDecoder(parse_int=_parse_int).decode
+
+
+# ASCII only: the wrapper passes strings through C strings (a NUL would cut
+# them, a lone surrogate would fail), so everything is escaped.
+_dumps = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode
+
+
+def _c_safe(text: str) -> bool:
+    """Whether the wrapper can pass ``text`` to JS unchanged (no NUL, no lone surrogate)."""
+    if "\x00" in text:
+        return False
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _seed_words(seed: bytes) -> tuple[int, int, int, int]:
+    words: tuple[int, int, int, int] = _unpack_words(hashlib.sha256(seed).digest()[:16])
+    return words
+
+
+_unpack_words = struct.Struct("<4I").unpack
+
+
+def _begin_args(
+    method: str, args: list[Any], caller_id: str | None, timestamp_ms: int, seed: bytes
+) -> tuple[Any, ...]:
+    """The prelude's ``begin`` arguments. Numbers go as floats: the wrapper would cut
+    Python ints to 32 bits. Strings it cannot pass (NUL, lone surrogates) go as JSON."""
+    flags = 0
+    if not _c_safe(method):
+        method = _dumps(method)
+        flags |= 1
+    if caller_id is not None and not _c_safe(caller_id):
+        caller_id = _dumps(caller_id)
+        flags |= 2
+    try:
+        args_text = _dumps(args) if args else None
+    except (TypeError, ValueError) as exc:
+        raise EncodingError(f"call arguments are not JSON: {exc}") from exc
+    w0, w1, w2, w3 = _seed_words(seed)
+    return (
+        method,
+        args_text,
+        float(timestamp_ms),
+        float(w0),
+        float(w1),
+        float(w2),
+        float(w3),
+        caller_id,
+        flags,
+    )
+
+
+def _ensure_c_numeric_locale() -> None:
+    # QuickJS relies on the C library for some number parsing and printing; a
+    # locale whose decimal point is not "." (de_DE, fr_FR...) would change how
+    # numbers read and print, so LC_NUMERIC must be "C"-like.
+    if locale.localeconv()["decimal_point"] != ".":
+        locale.setlocale(locale.LC_NUMERIC, "C")
+
+
+def _from_wire(value: Any) -> Any:
+    """Decode request arguments: ``{"$bytes": b64}`` -> bytes, ``{"$object": [k, v]}`` -> dict."""
+    if isinstance(value, list):
+        return [_from_wire(v) for v in value]
+    if isinstance(value, dict):
+        if len(value) == 1:
+            if "$bytes" in value:
+                return base64.b64decode(value["$bytes"])
+            if "$object" in value:
+                key, val = value["$object"]
+                return {key: _from_wire(val)}
+        return {k: _from_wire(v) for k, v in value.items()}
+    return value
+
+
+def _to_wire(value: Any, depth: int = 0) -> tuple[Any, bool]:
+    """Encode a host result for the prelude; the flag tells whether markers were used.
+
+    Raises :class:`EncodingError` for anything JS would not get exactly: NaN,
+    infinities, integers beyond 2**53, non-string keys, nesting deeper than
+    :data:`libvms.encoding.MAX_DEPTH`, other types.
+    """
+    if value is None or isinstance(value, (str, bool)):
+        return value, False
+    if isinstance(value, int):
+        if not -_SAFE_INT <= value <= _SAFE_INT:
+            raise EncodingError(f"host result holds {value}, beyond the JS safe integer range")
+        return value, False
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise EncodingError(f"host result holds {value}, which is not JSON")
+        return value, False
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"$bytes": base64.b64encode(bytes(value)).decode("ascii")}, True
+    if depth >= MAX_DEPTH:
+        raise EncodingError(f"host result is nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, (list, tuple)):
+        items = [_to_wire(v, depth + 1) for v in value]
+        return [v for v, _ in items], any(m for _, m in items)
+    if isinstance(value, dict):
+        marked = False
+        out: dict[str, Any] = {}
+        for key, val in value.items():
+            if not isinstance(key, str):
+                raise EncodingError(f"host result has the non-string key {key!r}")
+            enc, m = _to_wire(val, depth + 1)
+            out[key] = enc
+            marked = marked or m
+        if len(out) == 1 and next(iter(out)) in ("$bytes", "$object"):
+            ((key, val),) = out.items()
+            return {"$object": [key, val]}, True
+        return out, marked
+    raise EncodingError(f"host result holds a {type(value).__name__}, which is not JSON")
+
+
+class JSRuntime:
+    """One QuickJS context running one script deterministically. See the module docstring."""
+
+    broken: bool
+    """True after a limit was hit, the host handler raised or the load failed: do not reuse."""
+
+    def __init__(
+        self,
+        *,
+        call_timeout: float = 5.0,
+        memory_limit: int = 64 * 2**20,
+        max_stack: int = 512 * 1024,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        _ensure_c_numeric_locale()
+        self.broken = False
+        self._call_timeout = float(call_timeout)
+        self._memory_limit = int(memory_limit)
+        self._logger = logger if logger is not None else logging.getLogger("libvms.vm")
+        self._loaded = False
+        self._busy = False
+        self._closed = False
+        self._ctx: Any = quickjs.Context()
+        self._ctx.set_memory_limit(self._memory_limit)
+        self._ctx.set_max_stack_size(int(max_stack))
+        factory = self._ctx.eval(_PRELUDE_SOURCE)
+        config = self._ctx.parse_json(
+            _dumps(
+                {"maxDepth": MAX_DEPTH, "maxLogLines": MAX_LOG_LINES, "maxLogChars": MAX_LOG_CHARS}
+            )
+        )
+        self._dispatch: Any = factory(config)
+
+    # ------------------------------------------------------------------ public
+
+    def load(self, code: str, *, timestamp_ms: int, seed: bytes) -> None:
+        """Evaluate ``code`` as a CommonJS module body (``exports`` and ``module`` in scope).
+
+        Raises :class:`ScriptError` when the script does not compile or throws at
+        top level, :class:`LimitExceeded` when it hits a limit while loading.
+        """
+        self._check_usable()
+        if self._loaded:
+            raise RuntimeError("a script is already loaded in this runtime")
+        deadline = time.monotonic() + self._call_timeout
+        self._busy = True
+        try:
+            status = self._enter(_LOAD, _dumps([code, timestamp_ms, _seed_words(seed)]), deadline)
+            # A load settles at once (the module body is synchronous); its jobs
+            # still run, its timers never fire and host requests are refused.
+            data = _decode(status[1:])
+            self._emit_logs(data[-1])
+            while self._drain_jobs(deadline):
+                status = self._enter(_POLL, "", deadline)
+                data = _decode(status[1:])
+                self._emit_logs(data[-1])
+            if status[0] != "D":  # pragma: no cover - the prelude settles loads at once
+                raise ScriptError(f"unexpected load status {status[0]!r}")
+            if data[0] == 2:
+                name, message = data[1][0], data[1][1]
+                self._check_engine_error(name, message)
+                where = data[1][2] if len(data[1]) > 2 else ""
+                detail = f"{name}: {message}"
+                if where:
+                    detail += "\n" + where.rstrip()
+                raise ScriptError(detail)
+            self._loaded = True
+        except BaseException:
+            if not self._loaded and not self.broken:
+                # A failed load leaves nothing usable behind.
+                self.broken = True
+            raise
+        finally:
+            self._busy = False
+
+    def export_names(self) -> list[tuple[str, bool]]:
+        """``(name, is_function)`` of ``module.exports``' own enumerable keys, in JS key order.
+
+        Accessor properties are reported as non-functions and their getters are
+        not run.
+        """
+        self._check_ready()
+        deadline = time.monotonic() + self._call_timeout
+        text = self._enter(_EXPORTS, "", deadline)
+        if text[0] == "E":
+            name, message = _decode(text[1:])
+            self._check_engine_error(name, message)
+            raise ScriptError(f"the script's exports cannot be listed: {name}: {message}")
+        return [(str(name), bool(is_fn)) for name, is_fn in _decode(text)]
+
+    def export_value(self, name: str) -> Any:
+        """JSON value of the non-function export ``name``.
+
+        Raises :class:`EncodingError` when it is not JSON (or is an accessor, a
+        function, or ``undefined``), :class:`VMCallError` (``NotFound``) when there
+        is no such export.
+        """
+        self._check_ready()
+        deadline = time.monotonic() + self._call_timeout
+        text = self._enter(_EXPORT_VALUE, _dumps(name), deadline)
+        kind = text[0]
+        if kind == "V":
+            return _decode(text[1:])
+        if kind == "X":
+            raise VMCallError("NotFound", f"the script exports nothing named {name!r}")
+        if kind == "F":
+            raise EncodingError(f"export {name!r} is a function, not a value")
+        if kind == "U":
+            raise EncodingError(f"export {name!r} is undefined, which is not JSON")
+        err_name, message = _decode(text[1:])
+        self._check_engine_error(err_name, message)
+        raise EncodingError(f"{err_name}: {message}")
+
+    async def call(
+        self,
+        method: str,
+        args: list[Any],
+        *,
+        caller_id: str | None,
+        timestamp_ms: int,
+        seed: bytes,
+        host: HostHandler,
+    ) -> CallOutcome:
+        """Run ``exports[method](...args)`` to completion. See the module docstring.
+
+        Script errors come back in :attr:`CallOutcome.error`. Raises
+        :class:`VMCallError` (``MethodNotFound``) for an unknown method or a
+        non-function export, :class:`LimitExceeded` (``TimeLimitExceeded``,
+        ``MemoryLimitExceeded``, ``StackOverflow``, ``EngineError``) when a limit
+        is hit, and re-raises whatever the host handler raises other than
+        :class:`HostError`; after those two the runtime is :attr:`broken`.
+
+        ``call_timeout`` bounds the whole call, time spent awaiting the host
+        included (a host await itself is not interrupted; the limit is checked
+        when it returns).
+        """
+        self._check_ready()
+        begin_args = _begin_args(method, args, caller_id, timestamp_ms, seed)
+        # The wall deadline covers the whole call; each JS step also gets the
+        # engine's CPU time limit set to what is left of it.
+        deadline = time.monotonic() + self._call_timeout
+        self._busy = True
+        try:
+            outcome = await self._run_call(begin_args, host, deadline)
+        except LimitExceeded:
+            self.broken = True
+            raise
+        except BaseException:
+            # A host bug (or a cancellation) in the middle of a call: the script's
+            # state is half-way through, so the runtime cannot be trusted again.
+            self.broken = True
+            raise
+        finally:
+            self._busy = False
+        if outcome is None:
+            raise VMCallError("MethodNotFound", f"the script exports no function named {method!r}")
+        return outcome
+
+    async def _run_call(
+        self, begin_args: tuple[Any, ...], host: HostHandler, deadline: float
+    ) -> CallOutcome | None:
+        """Drive one call to its outcome; None when the method does not exist."""
+        status = self._enter(_BEGIN, begin_args[0], deadline, *begin_args[1:])
+        first = status[0]
+        if first not in _STATUS_CODES:
+            # Fast path: the call settled synchronously with a value and left
+            # nothing behind; the text is the value's JSON.
+            if not self._drain_jobs(deadline):
+                return CallOutcome(value=_decode(status), has_value=True)
+            status = self._enter(_POLL, "", deadline)
+        elif first == "X":
+            return None
+        # The event loop. Every status carries the console lines written since
+        # the previous one.
+        while True:
+            kind = status[0]
+            data = _decode(status[1:])
+            self._emit_logs(data[-1])
+            if kind == "R":
+                # Requests in the order the script made them, one at a time;
+                # the jobs each settlement unblocks run before the next one.
+                for request in data[0]:
+                    await self._serve(request, host, deadline)
+                    self._drain_jobs(deadline)
+            elif self._drain_jobs(deadline):
+                pass  # jobs ran: the state changed, ask again
+            elif kind == "D":
+                return self._outcome(data)
+            elif kind == "U":
+                return CallOutcome(
+                    error=(
+                        "UnsettledError",
+                        "the call's promise never settled: no job, host request "
+                        "or timer was left to settle it",
+                    ),
+                    virtual_ms=int(data[0]),
+                )
+            # "P" (pending), "T" (a timer fired or a request settled) and
+            # every state after jobs ran: the prelude decides what is next.
+            status = self._enter(_POLL, "", deadline)
+
+    def close(self) -> None:
+        """Free the QuickJS context. The runtime cannot be used afterwards."""
+        self._closed = True
+        self._dispatch = None
+        self._ctx = None
+
+    # ---------------------------------------------------------------- internals
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise RuntimeError("the runtime is closed")
+        if self.broken:
+            raise RuntimeError("the runtime is broken (a limit was hit or the host failed)")
+        if self._busy:
+            raise RuntimeError("the runtime is already running a call")
+
+    def _check_ready(self) -> None:
+        self._check_usable()
+        if not self._loaded:
+            raise RuntimeError("no script is loaded")
+
+    def _limit(self, name: str, message: str) -> LimitExceeded:
+        self.broken = True
+        return LimitExceeded(name, message)
+
+    def _time_limit(self) -> LimitExceeded:
+        return self._limit(
+            "TimeLimitExceeded", f"the call ran longer than its {self._call_timeout:g} s limit"
+        )
+
+    def _check_engine_error(self, name: str, message: str) -> None:
+        """Turn an engine resource error the script did not catch into LimitExceeded.
+
+        The script sees these as ordinary errors (RangeError "Maximum call stack
+        size exceeded", InternalError "out of memory" / "string too long"); where
+        they strike depends on the machine, so a call they end is not a result.
+        """
+        if name == "RangeError" and message == "Maximum call stack size exceeded":
+            raise self._limit("StackOverflow", "the script overflowed its stack")
+        if name == "InternalError" and message in ("out of memory", "string too long"):
+            raise self._memory_limit_exceeded()
+
+    def _memory_limit_exceeded(self) -> LimitExceeded:
+        return self._limit(
+            "MemoryLimitExceeded",
+            f"the script ran out of memory (limit {self._memory_limit} bytes)",
+        )
+
+    def _engine_exception(self, exc: BaseException) -> LimitExceeded:
+        text = str(exc)
+        first = text.split("\n", 1)[0]
+        if isinstance(exc, quickjs.StackOverflow) or "Maximum call stack size" in first:
+            return self._limit("StackOverflow", "the script overflowed its stack")
+        if "interrupted" in first:
+            return self._time_limit()
+        if "out of memory" in first or "Failed obtaining QuickJS error string" in first:
+            return self._memory_limit_exceeded()
+        return self._limit("EngineError", first or type(exc).__name__)
+
+    def _enter(self, cmd: int, payload: str, deadline: float, *extra: Any) -> str:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise self._time_limit()
+        ctx = self._ctx
+        ctx.set_time_limit(remaining)
+        try:
+            result = self._dispatch(cmd, payload, *extra)
+        except (quickjs.JSException, quickjs.StackOverflow) as exc:
+            raise self._engine_exception(exc) from None
+        except Exception as exc:
+            raise self._limit("EngineError", f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(result, str):  # pragma: no cover - the prelude always returns text
+            raise self._limit("EngineError", "the prelude returned no status")
+        return result
+
+    def _drain_jobs(self, deadline: float) -> bool:
+        """Run pending jobs until none is left; True when at least one ran."""
+        ctx = self._ctx
+        ran = False
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._time_limit()
+            ctx.set_time_limit(remaining)
+            try:
+                if not ctx.execute_pending_job():
+                    return ran
+            except (quickjs.JSException, quickjs.StackOverflow) as exc:
+                raise self._engine_exception(exc) from None
+            except Exception as exc:
+                raise self._limit("EngineError", f"{type(exc).__name__}: {exc}") from exc
+            ran = True
+
+    async def _serve(self, request: list[Any], host: HostHandler, deadline: float) -> None:
+        """Serve one host request and settle its promise in JS."""
+        req_id, op, wire_args = request
+        args = _from_wire(wire_args) if _has_markers(wire_args) else wire_args
+        try:
+            result = await host(op, args)
+        except HostError as exc:
+            payload = _dumps([req_id, 0, str(exc.name), str(exc.message)])
+            self._settle(_SETTLE, payload, deadline)
+            return
+        if time.monotonic() > deadline:
+            raise self._time_limit()
+        try:
+            wire, marked = _to_wire(result)
+            payload = _dumps([req_id, 1, wire])
+        except (EncodingError, TypeError, ValueError) as exc:
+            raise EncodingError(f"the host's result for {op} is not JSON: {exc}") from exc
+        self._settle(_SETTLE_WIRE if marked else _SETTLE, payload, deadline)
+
+    def _settle(self, cmd: int, payload: str, deadline: float) -> None:
+        status = self._enter(cmd, payload, deadline)
+        self._emit_logs(_decode(status[1:])[-1])
+
+    def _outcome(self, data: list[Any]) -> CallOutcome:
+        kind, payload, virtual_ms = data[0], data[1], int(data[2])
+        if kind == 1:
+            return CallOutcome(value=payload, has_value=True, virtual_ms=virtual_ms)
+        if kind == 2:
+            name, message = str(payload[0]), str(payload[1])
+            self._check_engine_error(name, message)
+            return CallOutcome(error=(name, message), virtual_ms=virtual_ms)
+        return CallOutcome(virtual_ms=virtual_ms)
+
+    def _emit_logs(self, logs: Any) -> None:
+        if not logs:
+            return
+        logger = self._logger
+        for level, text in logs[: MAX_LOG_LINES + 1]:
+            logger.log(_LOG_LEVELS.get(level, logging.INFO), "console.%s: %s", level, text)
+
+
+def _has_markers(value: Any) -> bool:
+    """Whether decoded request arguments still hold ``$bytes``/``$object`` markers."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            if len(item) == 1 and ("$bytes" in item or "$object" in item):
+                return True
+            stack.extend(item.values())
+    return False

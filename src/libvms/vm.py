@@ -1,0 +1,751 @@
+"""BackendVM: a backend script whose every call is logged and replays exactly.
+
+Calls run one at a time in arrival order. Each call gets a transaction on the
+files archive; when the script's promise settles, the archive mutations and
+the call's log entry are staged together and become durable in one commit
+(calls arriving together share it). A call that exceeds its limits is logged
+as aborted, its archive writes are dropped and the script's state is rebuilt
+by replaying the log.
+
+Replay (:meth:`BackendVM.from_call_log`, and reopening a directory) feeds each
+logged call's inputs — method, arguments, caller, timestamp, oracle results —
+to a fresh sandbox and reproduces the entry byte for byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import encoding, merkle
+from .archive import ArchiveTransaction, FilesArchive, normalize_path
+from .errors import (
+    ArchiveError,
+    EncodingError,
+    LibVMSError,
+    LimitExceeded,
+    QueueFullError,
+    ScriptError,
+    TamperError,
+    VerificationError,
+    VMCallError,
+)
+from .keys import same_ledger
+from .log import ABSENT, CallLog, init_entry
+from .runtime.js import (
+    ENGINE_NAME,
+    ENGINE_VERSION,
+    PRELUDE_VERSION,
+    CallOutcome,
+    HostError,
+    JSRuntime,
+)
+from .store import Store
+
+logger = logging.getLogger("libvms.vm")
+
+#: Calls allowed to wait for a VM at once (the seed's limit).
+MAX_QUEUE = 1000
+
+_SEED_DOMAIN = b"libvms/random/v1\x00"
+
+OracleFn = Callable[..., Any]
+
+
+def runtime_info() -> dict[str, str]:
+    """What the init entry records about the engine, so replays can warn on a mismatch."""
+    return {"engine": ENGINE_NAME, "version": ENGINE_VERSION, "prelude": PRELUDE_VERSION}
+
+
+def derive_seed(root_before: bytes, seq: int) -> bytes:
+    """The PRNG seed of the call at log index ``seq``: logged data only (docs/formats.md)."""
+    return encoding.sha256(_SEED_DOMAIN + root_before + seq.to_bytes(8, "big"))
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _error_obj(name: str, message: str) -> dict[str, str]:
+    return {"name": name, "message": message}
+
+
+class _ExportedFunction:
+    """``vm.exports[name]``: calling it runs a logged call."""
+
+    def __init__(self, vm: BackendVM, name: str) -> None:
+        self._vm = vm
+        self.__name__ = name
+
+    async def __call__(self, *args: Any, user_id: str | None = None) -> Any:
+        return await self._vm.execute_call(self.__name__, list(args), user_id=user_id)
+
+    def __repr__(self) -> str:
+        return f"<exported function {self.__name__}>"
+
+
+class _LiveOracles:
+    """Oracles during a live call: run the host's function and record what it returned."""
+
+    def __init__(self, functions: Mapping[str, OracleFn]) -> None:
+        self._functions = functions
+        self.records: list[dict[str, Any]] = []
+
+    async def __call__(self, name: str, args: list[Any]) -> Any:
+        record: dict[str, Any] = {"name": name, "args": args}
+        fn = self._functions.get(name)
+        if fn is None:
+            record["err"] = _error_obj("OracleNotFound", f"no oracle named {name!r}")
+        else:
+            try:
+                value = fn(*args)
+                if inspect.isawaitable(value):
+                    value = await value
+                encoding.check_value(value)
+                record["res"] = value
+            except EncodingError as exc:
+                record["err"] = _error_obj("EncodingError", f"oracle result is not JSON: {exc}")
+            except Exception as exc:
+                record["err"] = _error_obj(type(exc).__name__, str(exc))
+        self.records.append(record)
+        if "err" in record:
+            raise HostError(record["err"]["name"], record["err"]["message"])
+        return record.get("res")
+
+
+class _RecordedOracles:
+    """Oracles during replay: return the logged results; the script must ask for the same."""
+
+    def __init__(self, recorded: Sequence[Any], seq: int) -> None:
+        self._recorded = list(recorded)
+        self._seq = seq
+        self.records: list[dict[str, Any]] = []
+
+    async def __call__(self, name: str, args: list[Any]) -> Any:
+        position = len(self.records)
+        if position >= len(self._recorded):
+            raise VerificationError(
+                f"entry {self._seq}: replay asked oracle {name!r} but the log records "
+                f"only {len(self._recorded)} oracle calls",
+                index=self._seq,
+                field="result.oracles",
+                expected=None,
+                found={"name": name, "args": args},
+            )
+        record = self._recorded[position]
+        if not isinstance(record, dict) or record.get("name") != name or record.get("args") != args:
+            raise VerificationError(
+                f"entry {self._seq}: replay asked oracle {name!r} with {args!r}, the log "
+                f"records {record!r}",
+                index=self._seq,
+                field=f"result.oracles[{position}]",
+                expected=record,
+                found={"name": name, "args": args},
+            )
+        self.records.append(record)
+        err = record.get("err")
+        if err is not None:
+            raise HostError(str(err.get("name", "Error")), str(err.get("message", "")))
+        return record.get("res")
+
+
+class _Host:
+    """Performs the script's ``System.*`` requests on one call's archive transaction."""
+
+    def __init__(
+        self, tx: ArchiveTransaction, oracles: Callable[[str, list[Any]], Awaitable[Any]]
+    ) -> None:
+        self._tx = tx
+        self._oracles = oracles
+
+    async def __call__(self, op: str, args: list[Any]) -> Any:
+        if op == "oracle":
+            name, oracle_args = args
+            return await self._oracles(str(name), list(oracle_args))
+        try:
+            return self._files(op, args)
+        except ArchiveError as exc:
+            raise HostError(exc.name, str(exc)) from None
+        except (TypeError, ValueError, IndexError) as exc:
+            raise HostError("TypeError", f"{op}: {exc}") from None
+
+    def _files(self, op: str, args: list[Any]) -> Any:
+        tx = self._tx
+        path = args[0] if args else "/"
+        if op == "files.getInfo":
+            return tx.info()
+        if op == "files.stat":
+            return tx.stat_now(path).to_dict()
+        if op == "files.readFile":
+            return tx.read_file_now(path, args[1] if len(args) > 1 else "utf8")
+        if op == "files.readdir":
+            return tx.readdir_now(path)
+        if op == "files.writeFile":
+            data = args[1]
+            return tx.write_file(path, data, args[2] if len(args) > 2 else "utf8")
+        if op == "files.mkdir":
+            return tx.mkdir(path)
+        if op == "files.unlink":
+            return tx.unlink(path)
+        if op == "files.rmdir":
+            opts = args[1] if len(args) > 1 else None
+            recursive = bool(opts.get("recursive")) if isinstance(opts, dict) else bool(opts)
+            return tx.rmdir(path, recursive=recursive)
+        if op == "files.history":
+            return tx.history()
+        raise TypeError(f"unknown request {op!r}")
+
+
+@dataclass(frozen=True)
+class CallResult:
+    """A logged call: its log index and its result, or the error it logged."""
+
+    seq: int
+    value: Any
+    error: VMCallError | None
+
+
+@dataclass
+class ReplayStats:
+    """What a replay did: entries reproduced and which depend on oracles."""
+
+    entries: int = 0
+    oracle_entries: list[int] = field(default_factory=list)
+    aborted_entries: list[int] = field(default_factory=list)
+
+
+class BackendVM:
+    """A deterministic, sandboxed JavaScript VM with a signed call log and files archive."""
+
+    def __init__(
+        self,
+        code: str,
+        *,
+        call_timeout: float = 5.0,
+        memory_limit: int = 64 * 2**20,
+        max_queue: int = MAX_QUEUE,
+    ) -> None:
+        if not isinstance(code, str):
+            raise TypeError("code must be a string of JavaScript")
+        self.code = code
+        self.call_timeout = call_timeout
+        self.memory_limit = memory_limit
+        self.max_queue = max_queue
+        self.files_archive: FilesArchive = None  # type: ignore[assignment]
+        self.call_log: CallLog = None  # type: ignore[assignment]
+        self.warnings: list[str] = []
+        self._oracles: dict[str, OracleFn] = {}
+        self._runtime: JSRuntime | None = None
+        self._exports: dict[str, Any] = {}
+        self._store: Store | None = None
+        self._lock = asyncio.Lock()
+        self._queued = 0
+        self._last_timestamp = 0
+        self._closed = False
+        self._deployed = False
+        self._logger = logger
+
+    # -- configuration ---------------------------------------------------------
+
+    def add_oracle(self, name: str, fn: OracleFn) -> None:
+        """Let scripts call ``System.oracles.<name>(...)``; results are logged for replay."""
+        if not isinstance(name, str) or not name:
+            raise ValueError("oracle name must be a non-empty string")
+        self._oracles[name] = fn
+
+    @property
+    def exports(self) -> Mapping[str, Any]:
+        """Exported names in script order: values as at deploy, functions as async callables."""
+        return dict(self._exports)
+
+    @property
+    def methods(self) -> list[str]:
+        """Exported function names callable over RPC (everything but ``init``)."""
+        return [
+            n for n, v in self._exports.items() if isinstance(v, _ExportedFunction) and n != "init"
+        ]
+
+    def _new_runtime(self) -> JSRuntime:
+        return JSRuntime(
+            call_timeout=self.call_timeout, memory_limit=self.memory_limit, logger=self._logger
+        )
+
+    def _load(self, runtime: JSRuntime, timestamp: int) -> None:
+        runtime.load(self.code, timestamp_ms=timestamp, seed=derive_seed(merkle.EMPTY_ROOT, 0))
+
+    def _set_exports(self, runtime: JSRuntime) -> None:
+        exports: dict[str, Any] = {}
+        for name, is_function in runtime.export_names():
+            exports[name] = (
+                _ExportedFunction(self, name) if is_function else runtime.export_value(name)
+            )
+        self._exports = exports
+
+    # -- deploy ----------------------------------------------------------------
+
+    async def deploy(self, dir: str | Path | None = None, title: str = "") -> None:
+        """Create the VM's ledgers in ``dir`` (None: memory) and run the script.
+
+        On a directory that already holds this VM, reopen both ledgers (verifying
+        them) and rebuild the script's state by replaying the log. A directory
+        holding a different script is an error.
+        """
+        if self._runtime is not None:
+            raise LibVMSError("this VM is already deployed")
+        if dir is not None and Store.exists(dir):
+            await self._reopen(Path(dir))
+            return
+        timestamp = _now_ms()
+        runtime = self._new_runtime()
+        self._load(runtime, timestamp)
+        store = Store.open(dir)
+        try:
+            archive = await FilesArchive.create(dir, title, store=store)
+            log = CallLog._new(dir, store=store)
+        except BaseException:
+            store.close()
+            raise
+        self._attach(store, archive, log, runtime)
+        log.stage(init_entry(self.code, archive.url, runtime=runtime_info(), timestamp=timestamp))
+        self._last_timestamp = timestamp
+        await store.flush()
+        if "init" in self._exports and isinstance(self._exports["init"], _ExportedFunction):
+            await self.execute_call("init", [])
+        self._deployed = True
+
+    def _attach(
+        self, store: Store, archive: FilesArchive, log: CallLog, runtime: JSRuntime
+    ) -> None:
+        self._store = store
+        self.files_archive = archive
+        self.call_log = log
+        self._runtime = runtime
+        self._set_exports(runtime)
+
+    async def _reopen(self, directory: Path) -> None:
+        store = Store.open(directory)
+        try:
+            log = await CallLog.open(directory, store=store)
+            archive = await FilesArchive.open(directory, store=store)
+            store._refs += 1  # both ledgers hold the shared store
+            init = await log.get(0)
+            if not isinstance(init, dict) or init.get("code") != self.code:
+                raise LibVMSError(f"{directory} holds a VM with a different script")
+            if not same_ledger(str(init.get("filesArchiveUrl")), archive.url):
+                raise TamperError(f"{directory}: the call log names another files archive")
+        except BaseException:
+            store.close()
+            raise
+        self._store = store
+        self.files_archive = archive
+        self.call_log = log
+        runtime = await self._rebuild()
+        self._set_exports(runtime)
+        self._deployed = True
+
+    async def _rebuild(self) -> JSRuntime:
+        """A fresh runtime whose state is rebuilt by replaying the whole log.
+
+        The replay runs against a scratch archive in memory and must reproduce
+        every logged entry and the archive's state root, or the directory has
+        been tampered with.
+        """
+        if self._runtime is not None:
+            self._runtime.close()
+            self._runtime = None
+        source = self.call_log
+        init = await source.get(0)
+        runtime = self._new_runtime()
+        self._load(runtime, int(init.get("timestamp", 0)))
+        scratch = await FilesArchive.create(None, self.files_archive.title)
+        try:
+            last = 0
+            for seq in range(1, source.length):
+                entry = await source.get(seq)
+                expected = await source.get_raw(seq)
+                produced = await self._replay_entry(
+                    runtime, scratch, entry, seq, source.ledger.tree.root(seq)
+                )
+                compare_entry(seq, expected, produced)
+                scratch.ledger.store.flush_sync()
+                last = max(last, int(entry["call"].get("timestamp", 0)))
+            if scratch.state_root != self.files_archive.state_root:
+                raise TamperError(
+                    "the files archive does not match what replaying the call log produces"
+                )
+        except BaseException:
+            runtime.close()
+            raise
+        finally:
+            await scratch.close()
+        self._last_timestamp = max(self._last_timestamp, last)
+        self._runtime = runtime
+        return runtime
+
+    # -- calls -----------------------------------------------------------------
+
+    async def execute_call(
+        self,
+        method_name: str,
+        args: Sequence[Any] = (),
+        user_id: str | None = None,
+        *,
+        call_fields: Mapping[str, Any] | None = None,
+    ) -> Any:
+        """Run one logged call and return its result once its entry is durable.
+
+        ``call_fields`` are extra inputs stored in the entry's ``call`` object
+        (a signed request). Raises :class:`VMCallError` when the script throws,
+        :class:`LimitExceeded` when the call was aborted, and
+        :class:`QueueFullError` when too many calls are waiting.
+        """
+        result = await self.submit(method_name, args, user_id, call_fields=call_fields)
+        if result.error is not None:
+            raise result.error
+        return result.value
+
+    async def submit(
+        self,
+        method_name: str,
+        args: Sequence[Any] = (),
+        user_id: str | None = None,
+        *,
+        call_fields: Mapping[str, Any] | None = None,
+    ) -> CallResult:
+        """Like :meth:`execute_call`, but a logged failure is returned, not raised.
+
+        Raises only when the call is refused before it is logged (unknown
+        method, arguments that are not JSON, full queue, closed VM).
+        """
+        if self.call_log is None:
+            raise LibVMSError("deploy the VM before calling it")
+        if self._closed:
+            raise LibVMSError("this VM is closed")
+        function = self._exports.get(method_name)
+        if not isinstance(function, _ExportedFunction) or (
+            method_name == "init" and self._deployed
+        ):
+            raise VMCallError("MethodNotFound", f"{method_name!r} is not an exported function")
+        args = list(args)
+        try:
+            encoding.check_value(args)
+            if user_id is not None and not isinstance(user_id, str):
+                raise EncodingError("user id must be a string")
+            if call_fields is not None:
+                encoding.check_value(dict(call_fields))
+        except EncodingError as exc:
+            raise VMCallError("TypeError", f"arguments must be JSON values: {exc}") from None
+        if self._queued >= self.max_queue:
+            raise QueueFullError()
+        self._queued += 1
+        try:
+            async with self._lock:
+                result = await self._execute(method_name, args, user_id, call_fields)
+        finally:
+            self._queued -= 1
+        assert self._store is not None
+        await self._store.flush()
+        return result
+
+    async def _execute(
+        self,
+        method: str,
+        args: list[Any],
+        user_id: str | None,
+        call_fields: Mapping[str, Any] | None,
+    ) -> CallResult:
+        if self._runtime is None:
+            self._runtime = await self._rebuild()
+        runtime = self._runtime
+        log, archive = self.call_log, self.files_archive
+        seq = log.length
+        timestamp = max(_now_ms(), self._last_timestamp)
+        self._last_timestamp = timestamp
+        call: dict[str, Any] = {}
+        if user_id is not None:
+            call["userId"] = user_id
+        call.update({"methodName": method, "args": args, "timestamp": timestamp})
+        if call_fields:
+            call.update(call_fields)
+        tx = archive.transaction(mtime_ms=timestamp)
+        oracles = _LiveOracles(self._oracles)
+        try:
+            outcome = await runtime.call(
+                method,
+                args,
+                caller_id=user_id,
+                timestamp_ms=timestamp,
+                seed=derive_seed(log.ledger.tree.root(), seq),
+                host=_Host(tx, oracles),
+            )
+        except LimitExceeded as exc:
+            err = _error_obj(exc.name, exc.message)
+            seq = log.stage(_entry(call, archive, err=err, aborted=True, oracles=oracles.records))
+            self._runtime = None
+            self._runtime = await self._rebuild()
+            return CallResult(seq, None, exc)
+        except BaseException:
+            self._runtime = None
+            raise
+        tx.commit()
+        seq = log.stage(_outcome_entry(call, archive, outcome, oracles.records))
+        if outcome.error is not None:
+            return CallResult(seq, None, VMCallError(*outcome.error))
+        return CallResult(seq, outcome.value if outcome.has_value else None, None)
+
+    async def _replay_entry(
+        self,
+        runtime: JSRuntime,
+        archive: FilesArchive,
+        entry: Any,
+        seq: int,
+        root_before: bytes,
+    ) -> dict[str, Any]:
+        """Re-execute logged call ``seq`` on ``archive``; returns the entry it produces."""
+        try:
+            if not isinstance(entry, dict) or entry.get("type") != "call":
+                raise TypeError("not a call entry")
+            call = entry["call"]
+            result = entry["result"]
+            method = call["methodName"]
+            args = call["args"]
+            timestamp = int(call["timestamp"])
+            user_id = call.get("userId")
+            recorded = result.get("oracles", [])
+            if not isinstance(args, list) or not isinstance(method, str):
+                raise TypeError("bad method or args")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise VerificationError(
+                f"entry {seq} is not a well-formed call entry ({exc})", index=seq
+            ) from None
+        if result.get("aborted"):
+            return _entry(
+                call, archive, err=result.get("err"), aborted=True, oracles=recorded or None
+            )
+        tx = archive.transaction(mtime_ms=timestamp)
+        oracles = _RecordedOracles(recorded, seq)
+        try:
+            outcome = await runtime.call(
+                method,
+                args,
+                caller_id=user_id,
+                timestamp_ms=timestamp,
+                seed=derive_seed(root_before, seq),
+                host=_Host(tx, oracles),
+            )
+        except LimitExceeded as exc:
+            raise VerificationError(
+                f"entry {seq}: the replay was aborted ({exc}) but the original call was not",
+                index=seq,
+                field="result.aborted",
+                expected=False,
+                found=True,
+            ) from None
+        except VMCallError as exc:
+            raise VerificationError(
+                f"entry {seq}: {exc}", index=seq, field="call.methodName", found=method
+            ) from None
+        tx.commit()
+        return _outcome_entry(call, archive, outcome, oracles.records)
+
+    # -- replay ----------------------------------------------------------------
+
+    @classmethod
+    async def from_call_log(
+        cls,
+        call_log: CallLog,
+        assertions: Any,
+        dir: str | Path | None = None,
+        *,
+        check: bool = False,
+        call_timeout: float = 5.0,
+        memory_limit: int = 64 * 2**20,
+        progress: Callable[[int, int], None] | None = None,
+        stats: ReplayStats | None = None,
+    ) -> BackendVM:
+        """Replay ``call_log`` into a fresh VM with its own ledgers (in ``dir``, or memory).
+
+        ``assertions`` (``client.backend_info`` or ``{"files_archive_url": ...}``)
+        must name the files archive the log's init entry names, or
+        :class:`VerificationError` is raised. With ``check``, each produced entry
+        is compared with the logged one as it is produced, and the first
+        difference raises :class:`VerificationError`.
+        """
+        init = await call_log.get(0)
+        if not isinstance(init, dict) or init.get("type") != "init":
+            raise VerificationError("entry 0 is not an init entry", index=0, field="type")
+        expected_url = _assertion(assertions, "files_archive_url", "filesArchiveUrl")
+        found_url = init.get("filesArchiveUrl")
+        if expected_url is not None and not same_ledger(str(expected_url), str(found_url)):
+            raise VerificationError(
+                "the call log's files archive is not the one asserted",
+                index=0,
+                field="filesArchiveUrl",
+                expected=expected_url,
+                found=found_url,
+            )
+        code = init.get("code")
+        if not isinstance(code, str):
+            raise VerificationError("init entry has no script code", index=0, field="code")
+        vm = cls(code, call_timeout=call_timeout, memory_limit=memory_limit)
+        recorded_runtime = init.get("runtime")
+        if recorded_runtime != runtime_info():
+            vm.warnings.append(
+                f"the log was written by runtime {recorded_runtime!r}; replaying with "
+                f"{runtime_info()!r}: results of floating-point Math functions may differ"
+            )
+        runtime = vm._new_runtime()
+        try:
+            vm._load(runtime, int(init.get("timestamp", 0)))
+        except ScriptError as exc:
+            raise VerificationError(f"the logged script does not load: {exc}", index=0) from exc
+        store = Store.open(dir)
+        archive = await FilesArchive.create(dir, "replay", store=store)
+        log = CallLog._new(dir, store=store)
+        store._refs += 1
+        vm._attach(store, archive, log, runtime)
+        log.stage(init)
+        total = call_log.length
+        stats = stats if stats is not None else ReplayStats()
+        stats.entries = 1
+        for seq in range(1, total):
+            entry = await call_log.get(seq)
+            produced = await vm._replay_entry(
+                runtime, archive, entry, seq, call_log.ledger.tree.root(seq)
+            )
+            if check:
+                compare_entry(seq, await call_log.get_raw(seq), produced)
+            log.stage(produced)
+            stats.entries += 1
+            result = entry.get("result", {})
+            if result.get("oracles"):
+                stats.oracle_entries.append(seq)
+            if result.get("aborted"):
+                stats.aborted_entries.append(seq)
+            if seq % 1000 == 0:
+                await store.flush()
+                if progress is not None:
+                    progress(seq, total)
+        await store.flush()
+        if progress is not None:
+            progress(total, total)
+        vm._last_timestamp = max(
+            [int(e["call"].get("timestamp", 0)) for e in [await call_log.get(total - 1)]]
+            if total > 1
+            else [0]
+        )
+        return vm
+
+    async def close(self) -> None:
+        """Finish pending commits and release the ledgers and the sandbox."""
+        if self._closed:
+            return
+        self._closed = True
+        async with self._lock:
+            if self._runtime is not None:
+                self._runtime.close()
+                self._runtime = None
+            if self.call_log is not None:
+                await self.call_log.close()
+            if self.files_archive is not None:
+                await self.files_archive.close()
+
+    async def __aenter__(self) -> BackendVM:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def _assertion(assertions: Any, *names: str) -> Any:
+    for name in names:
+        if isinstance(assertions, Mapping) and name in assertions:
+            return assertions[name]
+        value = getattr(assertions, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def _entry(
+    call: Mapping[str, Any],
+    archive: FilesArchive,
+    *,
+    res: Any = ABSENT,
+    err: Any = None,
+    aborted: bool = False,
+    oracles: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    if res is not ABSENT:
+        result["res"] = res
+    if err is not None:
+        result["err"] = err
+    result["filesVersion"] = archive.version
+    result["filesRoot"] = archive.state_root
+    if oracles:
+        result["oracles"] = oracles
+    if aborted:
+        result["aborted"] = True
+    return {"type": "call", "call": dict(call), "result": result}
+
+
+def _outcome_entry(
+    call: Mapping[str, Any],
+    archive: FilesArchive,
+    outcome: CallOutcome,
+    oracles: list[dict[str, Any]],
+) -> dict[str, Any]:
+    if outcome.error is not None:
+        return _entry(call, archive, err=_error_obj(*outcome.error), oracles=oracles)
+    res = outcome.value if outcome.has_value else ABSENT
+    return _entry(call, archive, res=res, oracles=oracles)
+
+
+def differences(expected: Any, found: Any, where: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """Paths (``result.res``...) where two JSON values differ, depth first."""
+    if isinstance(expected, dict) and isinstance(found, dict):
+        for key in list(expected) + [k for k in found if k not in expected]:
+            sub = f"{where}.{key}" if where else key
+            if key not in found:
+                yield sub, expected[key], None
+            elif key not in expected:
+                yield sub, None, found[key]
+            elif expected[key] != found[key]:
+                yield from differences(expected[key], found[key], sub)
+        return
+    if expected != found or type(expected) is not type(found):
+        yield where, expected, found
+
+
+def compare_entry(seq: int, expected: bytes, produced: dict[str, Any]) -> None:
+    produced_bytes = encoding.canonical(produced)
+    if produced_bytes == expected:
+        return
+    logged = encoding.parse(expected)
+    diffs = list(differences(logged, produced))
+    where, logged_value, replayed_value = diffs[0] if diffs else ("", logged, produced)
+    raise VerificationError(
+        f"entry {seq}: {where or 'entry'} differs: logged {logged_value!r}, "
+        f"replayed {replayed_value!r}",
+        index=seq,
+        field=where,
+        expected=logged_value,
+        found=replayed_value,
+    )
+
+
+__all__ = [
+    "BackendVM",
+    "CallResult",
+    "ReplayStats",
+    "derive_seed",
+    "normalize_path",
+    "runtime_info",
+]

@@ -1,0 +1,316 @@
+"""BackendVM: the seed's behaviour, plus logging, replay and limits."""
+
+import asyncio
+
+import pytest
+
+from libvms.archive import FilesArchive
+from libvms.encoding import canonical
+from libvms.errors import (
+    LibVMSError,
+    LimitExceeded,
+    NotFoundError,
+    VerificationError,
+    VMCallError,
+)
+from libvms.log import CallLog
+from libvms.verifier import Verifier
+from libvms.vm import BackendVM
+
+SCRIPT = """
+exports.foo = () => 'bar'
+exports.whoami = () => System.caller.id
+exports.writeToFile = async (v) => { await System.files.writeFile('/file', v) }
+exports.readFile = (path) => System.files.readFile(path)
+exports.add = (a, b) => a + b
+exports.fail = () => { throw new TypeError('no good') }
+exports.answer = 42
+"""
+
+
+async def deployed(tmp_path=None, code=SCRIPT, **kw):
+    vm = BackendVM(code, **kw)
+    await vm.deploy(dir=tmp_path, title="Test VM")
+    return vm
+
+
+async def test_exports_in_script_order_and_methods(tmp_path):
+    vm = await deployed(tmp_path)
+    assert list(vm.exports) == ["foo", "whoami", "writeToFile", "readFile", "add", "fail", "answer"]
+    assert vm.exports["answer"] == 42
+    assert vm.methods == ["foo", "whoami", "writeToFile", "readFile", "add", "fail"]
+    assert await vm.exports["foo"]() == "bar"
+    await vm.close()
+
+
+async def test_module_exports_replacement():
+    vm = await deployed(code="module.exports = {b: () => 1, a: () => 2}")
+    assert vm.methods == ["b", "a"]
+    assert await vm.execute_call("a") == 2
+    await vm.close()
+
+
+async def test_init_entry(tmp_path):
+    vm = await deployed(tmp_path)
+    init = await vm.call_log.get(0)
+    assert init["type"] == "init"
+    assert init["code"] == SCRIPT
+    assert init["filesArchiveUrl"] == vm.files_archive.url
+    assert init["runtime"]["engine"] == "quickjs-ng"
+    assert isinstance(init["timestamp"], int)
+    await vm.close()
+
+
+async def test_call_entries_have_the_seeds_shape_and_versions(tmp_path):
+    vm = await deployed(tmp_path)
+    assert await vm.execute_call("foo") == "bar"
+    for value in ["foo", "bar", "baz"]:
+        assert await vm.execute_call("writeToFile", [value], user_id="alice") is None
+    entries = await vm.call_log.list(start=1)
+    assert [e["result"]["filesVersion"] for e in entries] == [1, 2, 3, 4]
+    first = entries[0]
+    assert first == {
+        "type": "call",
+        "call": {"methodName": "foo", "args": [], "timestamp": first["call"]["timestamp"]},
+        "result": {"res": "bar", "filesVersion": 1, "filesRoot": first["result"]["filesRoot"]},
+    }
+    last = entries[-1]
+    assert last["call"]["userId"] == "alice"
+    assert "res" not in last["result"]  # undefined is omitted, never null
+    assert last["result"]["filesRoot"] == vm.files_archive.state_root
+    assert await vm.files_archive.read_file("/file") == "baz"
+    await vm.close()
+
+
+async def test_errors_are_logged_and_raised():
+    vm = await deployed()
+    with pytest.raises(VMCallError) as info:
+        await vm.execute_call("fail")
+    assert info.value.name == "TypeError" and info.value.message == "no good"
+    entry = await vm.call_log.get(vm.call_log.length - 1)
+    assert entry["result"]["err"] == {"name": "TypeError", "message": "no good"}
+    with pytest.raises(VMCallError, match="MethodNotFound"):
+        await vm.execute_call("answer")
+    with pytest.raises(VMCallError, match="JSON"):
+        await vm.execute_call("add", [float("nan"), 1])
+    assert vm.call_log.length == 2
+    await vm.close()
+
+
+async def test_caller_id():
+    vm = await deployed()
+    assert await vm.execute_call("whoami", user_id="bob") == "bob"
+    assert await vm.execute_call("whoami") is None
+    await vm.close()
+
+
+async def test_replay_reproduces_the_log_and_archive(tmp_path):
+    vm = await deployed(tmp_path / "a")
+    for value in ["foo", "bar", "baz"]:
+        await vm.execute_call("writeToFile", [value])
+    replay = await BackendVM.from_call_log(
+        vm.call_log, {"files_archive_url": vm.files_archive.url}, check=True
+    )
+    assert await replay.files_archive.read_file("/file") == "baz"
+    await Verifier.compare_logs(vm.call_log, replay.call_log)
+    await Verifier.compare_archives(vm.files_archive, replay.files_archive)
+    await replay.close()
+    await vm.close()
+
+
+async def test_replay_rejects_the_wrong_files_url():
+    vm = await deployed()
+    other = await FilesArchive.create(None, "other")
+    with pytest.raises(VerificationError, match="files archive"):
+        await BackendVM.from_call_log(vm.call_log, {"files_archive_url": other.url})
+    await other.close()
+    await vm.close()
+
+
+async def test_init_is_called_once_logged_and_not_callable(tmp_path):
+    code = """
+    let n = 0
+    exports.init = async () => { n++; await System.files.mkdir('/keys') }
+    exports.count = () => n
+    """
+    vm = await deployed(tmp_path, code=code)
+    entry = await vm.call_log.get(1)
+    assert entry["call"]["methodName"] == "init" and entry["call"]["args"] == []
+    assert vm.methods == ["count"]
+    assert await vm.execute_call("count") == 1
+    with pytest.raises(VMCallError, match="MethodNotFound"):
+        await vm.execute_call("init")
+    await vm.close()
+    again = BackendVM(code)
+    await again.deploy(dir=tmp_path)
+    assert await again.execute_call("count") == 1  # state rebuilt by replay, init not rerun
+    assert again.call_log.length == 4
+    await again.close()
+
+
+async def test_modified_archive_fails_compare_archives():
+    vm = await deployed()
+    await vm.execute_call("writeToFile", ["honest"])
+    replay = await BackendVM.from_call_log(vm.call_log, {"files_archive_url": vm.files_archive.url})
+    await vm.files_archive.write_file("/file", "tampered")
+    with pytest.raises(VerificationError) as info:
+        await Verifier.compare_archives(vm.files_archive, replay.files_archive)
+    assert info.value.path == "/file"
+    await replay.close()
+    await vm.close()
+
+
+async def test_falsified_result_fails_compare_logs_after_replay():
+    vm = await deployed()
+    await vm.execute_call("add", [2, 3])
+    forged = CallLog._new(None)  # the host's own re-signed copy, with one result changed
+    for entry in await vm.call_log.list():
+        if entry["type"] == "call":
+            entry["result"]["res"] = 6
+        forged.stage(entry)
+    await forged.ledger.store.flush()
+    replay = await BackendVM.from_call_log(forged, {"files_archive_url": vm.files_archive.url})
+    with pytest.raises(VerificationError) as info:
+        await Verifier.compare_logs(forged, replay.call_log)
+    assert info.value.index == 1
+    assert info.value.field == "result.res"
+    assert (info.value.expected, info.value.found) == (6, 5)
+    with pytest.raises(VerificationError, match=r"result\.res"):
+        await BackendVM.from_call_log(
+            forged, {"files_archive_url": vm.files_archive.url}, check=True
+        )
+    await replay.close()
+    await vm.close()
+
+
+async def test_reopen_refuses_a_different_script(tmp_path):
+    vm = await deployed(tmp_path)
+    await vm.close()
+    with pytest.raises(LibVMSError, match="different script"):
+        await BackendVM("exports.x = () => 1").deploy(dir=tmp_path)
+
+
+async def test_calls_never_interleave_and_log_order_is_archive_order():
+    code = """
+    exports.append = async (tag) => {
+      const before = await System.files.readFile('/log').catch(() => '')
+      await new Promise(r => setTimeout(r, 10))
+      await System.files.writeFile('/log', before + tag + ',')
+      return tag
+    }
+    """
+    vm = await deployed(code=code)
+    tags = [f"t{i}" for i in range(30)]
+    results = await asyncio.gather(*(vm.execute_call("append", [t]) for t in tags))
+    assert results == tags
+    logged = [e["call"]["args"][0] for e in await vm.call_log.list(start=1)]
+    assert await vm.files_archive.read_file("/log") == "".join(f"{t}," for t in logged)
+    await vm.close()
+
+
+async def test_limit_exceeded_is_logged_discarded_and_replays():
+    code = """
+    let n = 0
+    exports.inc = async () => { n++; await System.files.writeFile('/n', String(n)); return n }
+    exports.spin = async () => { await System.files.writeFile('/junk', 'x'); while (true) {} }
+    """
+    vm = await deployed(code=code, call_timeout=0.3)
+    assert await vm.execute_call("inc") == 1
+    with pytest.raises(LimitExceeded):
+        await vm.execute_call("spin")
+    aborted = await vm.call_log.get(vm.call_log.length - 1)
+    assert aborted["result"]["aborted"] is True
+    assert aborted["result"]["filesVersion"] == 2
+    with pytest.raises(NotFoundError):
+        await vm.files_archive.read_file("/junk")
+    assert await vm.execute_call("inc") == 2  # state rebuilt, VM keeps serving
+    replay = await BackendVM.from_call_log(
+        vm.call_log, {"files_archive_url": vm.files_archive.url}, check=True, call_timeout=0.3
+    )
+    await Verifier.compare_logs(vm.call_log, replay.call_log)
+    await Verifier.compare_archives(vm.files_archive, replay.files_archive)
+    await replay.close()
+    await vm.close()
+
+
+async def test_oracles_are_recorded_and_replayed_without_calling_the_host():
+    code = """
+    exports.price = async (sym) => {
+      const p = await System.oracles.price(sym)
+      await System.files.writeFile('/last', String(p))
+      return p * 2
+    }
+    exports.missing = () => System.oracles.nope()
+    """
+    calls = []
+
+    async def price(sym):
+        calls.append(sym)
+        return 21
+
+    vm = BackendVM(code)
+    vm.add_oracle("price", price)
+    await vm.deploy()
+    assert await vm.execute_call("price", ["ACME"]) == 42
+    with pytest.raises(VMCallError, match="OracleNotFound"):
+        await vm.execute_call("missing")
+    entry = await vm.call_log.get(1)
+    assert entry["result"]["oracles"] == [{"name": "price", "args": ["ACME"], "res": 21}]
+    replay = await BackendVM.from_call_log(
+        vm.call_log, {"files_archive_url": vm.files_archive.url}, check=True
+    )
+    assert calls == ["ACME"]
+    await Verifier.compare_logs(vm.call_log, replay.call_log)
+    await replay.close()
+    await vm.close()
+
+
+async def test_replay_with_different_oracle_arguments_fails():
+    vm = BackendVM("exports.p = (s) => System.oracles.price(s)")
+    vm.add_oracle("price", lambda s: 1)
+    await vm.deploy()
+    await vm.execute_call("p", ["A"])
+    forged = CallLog._new(None)
+    for entry in await vm.call_log.list():
+        if entry["type"] == "call":
+            entry["call"]["args"] = ["B"]
+        forged.stage(entry)
+    await forged.ledger.store.flush()
+    with pytest.raises(VerificationError, match="oracle"):
+        await BackendVM.from_call_log(forged, {"files_archive_url": vm.files_archive.url})
+    await vm.close()
+
+
+async def test_queue_limit():
+    release = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def gate():
+        entered.set()
+        await release.wait()
+        return 1
+
+    vm = BackendVM("exports.slow = () => System.oracles.gate()", max_queue=3)
+    vm.add_oracle("gate", gate)
+    await vm.deploy()
+    first = asyncio.ensure_future(vm.execute_call("slow"))
+    await entered.wait()  # the first call now holds the VM
+    more = [asyncio.ensure_future(vm.execute_call("slow")) for _ in range(3)]
+    done, pending = await asyncio.wait(more, return_when=asyncio.FIRST_COMPLETED)
+    assert [t.exception().name for t in done] == ["QueueFullError"]
+    assert more[2] in done  # the fourth call found three already queued
+    release.set()
+    assert await asyncio.gather(first, *pending) == [1, 1, 1]
+    assert await vm.execute_call("slow") == 1  # the queue drained: calls are accepted again
+    await vm.close()
+
+
+async def test_entry_bytes_identical_between_original_and_replay():
+    vm = await deployed()
+    await vm.execute_call("add", [1, 2], user_id="carol")
+    replay = await BackendVM.from_call_log(vm.call_log, {"files_archive_url": vm.files_archive.url})
+    for seq in range(vm.call_log.length):
+        assert await vm.call_log.get_raw(seq) == await replay.call_log.get_raw(seq)
+    assert canonical(await vm.call_log.get(1)) == await replay.call_log.get_raw(1)
+    await replay.close()
+    await vm.close()
