@@ -15,10 +15,15 @@ from .errors import (
 )
 from .keys import Keypair
 from .log import CallLog
+from .rpc import RPCClient, RPCServer
+from .verifier import AuditReport, Verifier
+from .vm import BackendVM
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuditReport",
+    "BackendVM",
     "CallLog",
     "DatArchive",
     "FilesArchive",
@@ -27,7 +32,10 @@ __all__ = [
     "LibVMSError",
     "LimitExceeded",
     "NotFoundError",
+    "RPCClient",
+    "RPCServer",
     "TamperError",
     "VMCallError",
     "VerificationError",
+    "Verifier",
 ]

@@ -296,14 +296,35 @@ class _Reader(ABC):
 
 
 class FilesArchive(_Reader):
-    """The VM's files archive. Create with :meth:`create`, reopen with :meth:`open`."""
+    """The VM's files archive. Create with :meth:`create`, reopen with :meth:`open`.
 
-    def __init__(self, ledger: Ledger, directory: Path | None, title: str) -> None:
+    ``FilesArchive(url)`` followed by ``await archive.download()`` is the seed's
+    way to get a verified copy of someone else's archive (see :meth:`fetch`).
+    """
+
+    def __init__(self, url: str) -> None:
+        self._remote_url: str | None = url
+        self.location: str | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for attributes a not-yet-downloaded archive lacks.
+        if name.startswith("__") or self.__dict__.get("_remote_url") is None:
+            raise AttributeError(name)
+        raise AttributeError(f"{name}: call download() before using this archive")
+
+    @classmethod
+    def _make(cls, ledger: Ledger, directory: Path | None, title: str) -> FilesArchive:
+        archive = cls.__new__(cls)
+        archive._remote_url = None
+        archive._setup(ledger, directory, title)
+        return archive
+
+    def _setup(self, ledger: Ledger, directory: Path | None, title: str) -> None:
         self._ledger = ledger
         self._store = ledger.store
         self.dir = directory
         self.title = title
-        self.location: str | None = None
+        self.location = None
         self._tree = _Tree()
         self._staged_blobs: dict[str, bytes] = {}
         self._blobs_in_commit: list[str] = []
@@ -344,7 +365,7 @@ class FilesArchive(_Reader):
             raise
         if directory is not None:
             keypair.save(directory / KEY_FILENAME)
-        archive = cls(ledger, directory, title)
+        archive = cls._make(ledger, directory, title)
         ledger.stage_append({"type": "genesis", "title": title})
         await store.flush()
         return archive
@@ -375,9 +396,41 @@ class FilesArchive(_Reader):
         genesis = entries[0]
         if not isinstance(genesis, dict) or genesis.get("type") != "genesis":
             raise TamperError("files archive entry 0 is not a genesis entry", where="0")
-        archive = cls(ledger, directory, str(genesis.get("title", "")))
+        archive = cls._make(ledger, directory, str(genesis.get("title", "")))
         archive._tree = _replay(entries, len(entries))
         return archive
+
+    @classmethod
+    async def fetch(cls, url: str, dir: str | Path | None = None) -> FilesArchive:
+        """A verified, read-only copy of the archive at ``url`` with its current files.
+
+        Every entry is checked against the signed checkpoint and the key in the
+        URL, every blob against its hash: :class:`TamperError` otherwise.
+        """
+        from .remote import fetch_files_archive
+
+        return await fetch_files_archive(url, dir)
+
+    async def download(self, path: str = "/", dir: str | Path | None = None) -> None:
+        """Fetch and verify the archive named by ``FilesArchive(url)``.
+
+        Every file of the current version is downloaded (``path`` is checked and
+        kept for the seed's API). Calling it again brings the copy up to date.
+        """
+        normalize_path(path)
+        if self._remote_url is None:
+            if self.location is None or self._ledger.keypair is not None:
+                raise LibVMSError("this archive is not a fetched copy")
+            from .remote import refresh
+
+            await refresh(self)
+            return
+        fetched = await self.fetch(self._remote_url, dir)
+        fetched._store.remove_commit_hook(fetched._before_commit)
+        self._setup(fetched._ledger, fetched.dir, fetched.title)
+        self._tree = fetched._tree
+        self.location = fetched.location
+        self._remote_url = None
 
     def _verify_blobs(self) -> None:
         wanted = {n.hash for n in self._tree.nodes.values() if n.hash is not None}

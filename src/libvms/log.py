@@ -133,6 +133,41 @@ class CallLog:
         return cls(ledger, directory)
 
     @classmethod
+    async def fetch(cls, url: str, dir: str | Path | None = None) -> CallLog:
+        """Download and verify the call log at ``url`` into ``dir`` (None: memory).
+
+        Every entry is checked against the signed checkpoint and the key in the
+        URL as it arrives: :class:`TamperError` otherwise. The copy is read-only.
+        """
+        from .remote import fetch_call_log
+
+        return await fetch_call_log(url, dir)
+
+    @classmethod
+    async def copy_of(
+        cls,
+        public_key: bytes,
+        entries: Sequence[bytes],
+        checkpoint_note: str,
+        dir: str | Path | None = None,
+    ) -> CallLog:
+        """A read-only copy of someone's log from its entries and signed checkpoint.
+
+        The entries must hash to the checkpoint, which must be signed by
+        ``public_key``; :class:`TamperError` otherwise.
+        """
+        directory = None if dir is None else Path(dir)
+        store = Store.open(directory)
+        try:
+            ledger = Ledger.create_copy(store, LEDGER_NAME, public_key)
+            ledger.extend_verified(entries, checkpoint_note)
+            await store.flush()
+        except BaseException:
+            store.close()
+            raise
+        return cls(ledger, directory)
+
+    @classmethod
     async def open(cls, dir: str | Path, *, store: Store | None = None) -> CallLog:
         """Reopen the log in ``dir``, verifying it; :class:`TamperError` on any change."""
         directory = Path(dir)

@@ -8,13 +8,28 @@ recomputes the results).
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+
+import platformdirs
 
 from . import encoding
 from .archive import FilesArchive
-from .errors import VerificationError
+from .checkpoint import open_checkpoint
+from .errors import TamperError, VerificationError
+from .evidence import Evidence, fork_evidence, key_of, replay_evidence
 from .log import CallLog
-from .vm import compare_entry
+from .remote import fetch_call_log, fetch_files_archive, refresh
+from .rpc.client import RPCClient
+from .rpc.protocol import BackendInfo
+from .signed import CallReceipt, verify_call_entry
+from .vm import BackendVM, ReplayStats, compare_entry
 
 
 class Verifier:
@@ -44,6 +59,32 @@ class Verifier:
                 expected=a.length,
                 found=b.length,
             )
+
+    @staticmethod
+    async def audit(
+        url: str,
+        *,
+        state_dir: str | Path | None = None,
+        pin_key: str | None = None,
+        follow: bool = False,
+        on_batch: Callable[[AuditReport, int], None] | None = None,
+        progress: Progress | None = None,
+    ) -> AuditReport:
+        """Audit the VM served at ``url`` (``ws://...``): fetch, verify, replay, compare.
+
+        Raises :class:`~libvms.errors.ConnectError` when the VM cannot be reached
+        or is not a libvms server; every finding about the VM itself is in the
+        report. With ``follow``, keeps monitoring new batches until a problem
+        appears (``on_batch`` is told of each verified one).
+        """
+        auditor = Auditor(url, state_dir=state_dir, pin_key=pin_key, progress=progress)
+        try:
+            report = await auditor.run()
+            if follow and report.ok:
+                report = await auditor.follow(on_batch or (lambda _r, _n: None))
+            return report
+        finally:
+            await auditor.close()
 
     @staticmethod
     async def compare_archives(a: FilesArchive, b: FilesArchive) -> None:
@@ -85,3 +126,488 @@ def _describe(stat: Any) -> str:
     if stat.kind == "dir":
         return "directory"
     return f"file sha256:{stat.hash}"
+
+
+# -- the audit ---------------------------------------------------------------------
+
+#: Problem kinds, from the most to the least fundamental.
+PROBLEM_KINDS = (
+    "key-changed",  # the VM's keys are not the ones pinned for this URL
+    "tamper",  # fetched data does not verify against its key and checkpoint
+    "fork",  # the log rewrote history it signed before (evidence available)
+    "rollback",  # the log is shorter than a checkpoint it signed before
+    "signature",  # a signed call's signature or nonce does not verify
+    "assertion",  # the init entry is not what the server announced
+    "replay-mismatch",  # replay computes a different entry (evidence available)
+    "archive-mismatch",  # the files archive differs from what the calls produced
+)
+
+
+@dataclass
+class Problem:
+    """One thing an audit found wrong: its kind and exactly where."""
+
+    kind: str
+    message: str
+    index: int | None = None
+    path: str | None = None
+    field: str | None = None
+    expected: Any = None
+    found: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class AuditReport:
+    """The outcome of :meth:`Verifier.audit`. ``ok`` only when nothing is wrong."""
+
+    url: str
+    entries: int = 0
+    checkpoint: dict[str, Any] | None = None
+    files_checkpoint: dict[str, Any] | None = None
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    oracle_entries: list[int] = field(default_factory=list)
+    aborted_entries: list[int] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    evidence: Evidence | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.checkpoint is not None and not self.problems
+
+    @property
+    def verdict(self) -> str:
+        """One line for a person: what was verified, or the first problem in plain words."""
+        if self.ok and self.checkpoint is not None:
+            return (
+                f"Verified {max(self.entries - 1, 0)} calls up to checkpoint "
+                f"{self.checkpoint['size']}/{self.checkpoint['root'][:12]}"
+            )
+        if self.problems:
+            return f"FAILED ({self.problems[0].kind}): {self.problems[0].message}"
+        return "FAILED: nothing was verified"
+
+    def to_json(self) -> str:
+        obj = {
+            "url": self.url,
+            "ok": self.ok,
+            "verdict": self.verdict,
+            "entries": self.entries,
+            "checkpoint": self.checkpoint,
+            "filesCheckpoint": self.files_checkpoint,
+            "problems": [p.to_dict() for p in self.problems],
+            "warnings": self.warnings,
+            "oracleEntries": self.oracle_entries,
+            "abortedEntries": self.aborted_entries,
+            "timings": self.timings,
+        }
+        return json.dumps(obj, indent=2, default=repr)
+
+
+def default_state_dir() -> Path:
+    """Where an auditor remembers pinned keys and the last checkpoints it verified."""
+    return Path(platformdirs.user_data_dir("libvms")) / "audits"
+
+
+class _AuditState:
+    """Pins (trust on first use) by VM URL, and the last verified checkpoint by log key."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+
+    def _path(self, kind: str, name: str) -> Path:
+        return self.dir / f"{kind}-{hashlib.sha256(name.encode()).hexdigest()[:32]}.json"
+
+    def _read(self, path: Path) -> dict[str, Any] | None:
+        try:
+            value = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    def _write(self, path: Path, value: dict[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(value, indent=2))
+        tmp.replace(path)
+
+    def pins(self, url: str) -> dict[str, Any] | None:
+        return self._read(self._path("pin", url))
+
+    def pin(self, url: str, call_log_key: str, files_archive_key: str) -> None:
+        value = {"url": url, "callLogKey": call_log_key, "filesArchiveKey": files_archive_key}
+        self._write(self._path("pin", url), value)
+
+    def last_checkpoint(self, log_key: str, which: str) -> str | None:
+        state = self._read(self._path("log", log_key)) or {}
+        note = state.get(which)
+        return note if isinstance(note, str) else None
+
+    def save(self, log_key: str, which: str, note: str) -> None:
+        path = self._path("log", log_key)
+        state = self._read(path) or {"key": log_key}
+        state[which] = note
+        self._write(path, state)
+
+
+Progress = Callable[[str, int, int], None]
+
+
+class Auditor:
+    """The audit workflow, readable top to bottom; kept alive by ``--follow``.
+
+    1. connect and learn the ledgers' URLs and keys (pinned on first use);
+    2. fetch both ledgers, verifying every entry against signed checkpoints,
+       and check the log against the last checkpoint this auditor verified;
+    3. verify every signed call's signature and nonce uniqueness;
+    4. replay the log in a fresh sandbox, comparing each entry as produced;
+    5. compare the fetched archive with the replayed one.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        state_dir: str | Path | None = None,
+        pin_key: str | None = None,
+        progress: Progress | None = None,
+        call_timeout: float = 5.0,
+    ) -> None:
+        self.url = url
+        self.state = _AuditState(Path(state_dir) if state_dir else default_state_dir())
+        self.pin_key = pin_key
+        self.progress = progress
+        self.call_timeout = call_timeout
+        self.info: BackendInfo | None = None
+        self.log: CallLog | None = None
+        self.archive: FilesArchive | None = None
+        self.replay: BackendVM | None = None
+        self.report = AuditReport(url)
+        self._stats = ReplayStats()
+        self._nonces: dict[tuple[str, str], int] = {}
+
+    def _tick(self, phase: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(phase, done, total)
+
+    async def run(self) -> AuditReport:
+        """The full audit. Raises :class:`ConnectError` when the VM cannot be audited at all."""
+        report = self.report
+        started = time.perf_counter()
+        info = await self._connect()
+        if not self._check_pins(info):
+            return report
+        phase = time.perf_counter()
+        try:
+            self._tick("fetch", 0, 2)
+            self.log = await fetch_call_log(info.call_log_url)
+            self._tick("fetch", 1, 2)
+            self.archive = await fetch_files_archive(info.files_archive_url)
+            self._tick("fetch", 2, 2)
+        except TamperError as exc:
+            report.problems.append(Problem("tamper", f"fetched data does not verify: {exc}"))
+            return report
+        report.timings["fetch"] = time.perf_counter() - phase
+        if not self._check_history():
+            return report
+        phase = time.perf_counter()
+        self._verify_signatures(0)
+        report.timings["signatures"] = time.perf_counter() - phase
+        if report.problems:
+            return report
+        phase = time.perf_counter()
+        await self._replay()
+        report.timings["replay"] = time.perf_counter() - phase
+        if not report.problems:
+            await self._compare_archive()
+        report.timings["total"] = time.perf_counter() - started
+        self._finish()
+        return report
+
+    async def _connect(self) -> BackendInfo:
+        async with RPCClient(self.url) as client:
+            self.info = client.backend_info
+        return self.info
+
+    def _check_pins(self, info: BackendInfo) -> bool:
+        expected = self.pin_key
+        pinned = self.state.pins(self.url)
+        if expected is None and pinned is not None:
+            expected = pinned.get("callLogKey")
+            if pinned.get("filesArchiveKey") != info.files_archive_key:
+                self.report.problems.append(
+                    Problem(
+                        "key-changed",
+                        "the files archive key is not the one pinned for this URL",
+                        field="filesArchiveKey",
+                        expected=pinned.get("filesArchiveKey"),
+                        found=info.files_archive_key,
+                    )
+                )
+                return False
+        if expected is not None and expected != info.call_log_key:
+            self.report.problems.append(
+                Problem(
+                    "key-changed",
+                    "the call log key is not the one pinned for this URL",
+                    field="callLogKey",
+                    expected=expected,
+                    found=info.call_log_key,
+                )
+            )
+            return False
+        if pinned is None:
+            self.state.pin(self.url, info.call_log_key, info.files_archive_key)
+        return True
+
+    def _check_history(self) -> bool:
+        """Compare the fetched log with the last checkpoint this auditor verified."""
+        assert self.log is not None and self.archive is not None
+        report = self.report
+        for which, ledger in (("log", self.log.ledger), ("files", self.archive.ledger)):
+            note = ledger.checkpoint_text
+            checkpoint = open_checkpoint(note, ledger.verifier)
+            summary = {"size": checkpoint.size, "root": checkpoint.root_hash.hex(), "note": note}
+            if which == "log":
+                report.checkpoint = summary
+                report.entries = checkpoint.size
+            else:
+                report.files_checkpoint = summary
+            previous = self.state.last_checkpoint(ledger.verifier.to_text(), which)
+            if previous is None:
+                continue
+            try:
+                before = open_checkpoint(previous, ledger.verifier)
+            except TamperError:
+                report.warnings.append(f"ignored an unreadable saved {which} checkpoint")
+                continue
+            name = "call log" if which == "log" else "files archive"
+            if before.size > checkpoint.size:
+                report.problems.append(
+                    Problem(
+                        "rollback",
+                        f"the {name} has {checkpoint.size} entries but this auditor verified "
+                        f"a signed checkpoint of {before.size} before",
+                        field="size",
+                        expected=before.size,
+                        found=checkpoint.size,
+                    )
+                )
+            elif ledger.tree.root(before.size) != before.root_hash:
+                report.problems.append(
+                    Problem(
+                        "fork",
+                        f"the {name} rewrote its history: its first {before.size} entries no "
+                        "longer match the checkpoint this auditor verified before",
+                        field="root",
+                        expected=before.root_hash.hex(),
+                        found=ledger.tree.root(before.size).hex(),
+                    )
+                )
+                report.evidence = fork_evidence(
+                    previous, note, ledger.tree, summary=report.problems[-1].message
+                )
+        return not report.problems
+
+    def _verify_signatures(self, start: int) -> None:
+        assert self.log is not None
+        ledger = self.log.ledger
+        for seq in range(start, ledger.length):
+            entry = encoding.parse(ledger.raw(seq))
+            try:
+                signed = verify_call_entry(entry, ledger.public_key, index=seq)
+            except TamperError as exc:
+                self.report.problems.append(Problem("signature", str(exc), index=seq))
+                return
+            if signed is None:
+                continue
+            key = (entry["call"]["userId"], signed.nonce)
+            first = self._nonces.setdefault(key, seq)
+            if first != seq:
+                self.report.problems.append(
+                    Problem(
+                        "signature",
+                        f"entries {first} and {seq} hold the same signed request (a replay)",
+                        index=seq,
+                        field="call.signed.nonce",
+                        found=signed.nonce,
+                    )
+                )
+                return
+
+    async def _replay(self) -> None:
+        assert self.log is not None and self.info is not None
+        total = self.log.length
+
+        def progress(done: int, _total: int) -> None:
+            self._tick("replay", done, total)
+
+        try:
+            self.replay = await BackendVM.from_call_log(
+                self.log,
+                self.info,
+                check=True,
+                progress=progress,
+                stats=self._stats,
+                call_timeout=self.call_timeout,
+            )
+        except VerificationError as exc:
+            self._replay_problem(exc)
+            return
+        self.report.warnings.extend(self.replay.warnings)
+
+    def _replay_problem(self, exc: VerificationError) -> None:
+        assert self.log is not None
+        kind = "assertion" if exc.index == 0 else "replay-mismatch"
+        problem = Problem(
+            kind, str(exc), index=exc.index, field=exc.field, expected=exc.expected, found=exc.found
+        )
+        self.report.problems.append(problem)
+        if kind == "replay-mismatch" and exc.index is not None:
+            ledger = self.log.ledger
+            self.report.evidence = replay_evidence(
+                ledger.checkpoint_text,
+                ledger.raw_range(0, ledger.length),
+                exc.index,
+                summary=str(exc),
+            )
+
+    async def _compare_archive(self) -> None:
+        """Compare the fetched archive with the replay's, at the version the log reached."""
+        assert self.archive is not None and self.replay is not None and self.log is not None
+        replayed = self.replay.files_archive
+        if self.archive.version != replayed.version:
+            # The two ledgers were fetched at different moments; catch up once.
+            await self._catch_up()
+        fetched: Any = self.archive
+        try:
+            await Verifier.compare_archives(fetched, replayed)
+        except VerificationError as exc:
+            self.report.problems.append(
+                Problem(
+                    "archive-mismatch",
+                    f"the files archive is not what the logged calls produced: {exc}",
+                    path=exc.path,
+                    field=exc.field,
+                    expected=exc.found,
+                    found=exc.expected,
+                )
+            )
+
+    async def _catch_up(self) -> int:
+        """Fetch what both ledgers gained since, verify it and replay it; returns new entries."""
+        assert self.log is not None and self.archive is not None and self.replay is not None
+        try:
+            added = await refresh(self.log)
+            await refresh(self.archive)
+        except TamperError as exc:
+            self.report.problems.append(Problem("fork", f"new checkpoint does not verify: {exc}"))
+            return 0
+        if added:
+            start = self.replay.call_log.length
+            self._verify_signatures(start)
+            if self.report.problems:
+                return added
+            try:
+                await self.replay.replay_more(self.log, check=True, stats=self._stats)
+            except VerificationError as exc:
+                self._replay_problem(exc)
+        return added
+
+    def _finish(self) -> None:
+        assert self.log is not None and self.archive is not None
+        report = self.report
+        report.oracle_entries = list(self._stats.oracle_entries)
+        report.aborted_entries = list(self._stats.aborted_entries)
+        note = self.log.ledger.checkpoint_text
+        checkpoint = open_checkpoint(note, self.log.ledger.verifier)
+        report.checkpoint = {
+            "size": checkpoint.size,
+            "root": checkpoint.root_hash.hex(),
+            "note": note,
+        }
+        report.entries = checkpoint.size
+        if not any(
+            p.kind in ("fork", "rollback", "key-changed", "tamper") for p in report.problems
+        ):
+            self.state.save(self.log.ledger.verifier.to_text(), "log", note)
+            self.state.save(
+                self.archive.ledger.verifier.to_text(), "files", self.archive.ledger.checkpoint_text
+            )
+
+    async def follow(
+        self, on_batch: Callable[[AuditReport, int], None], poll_interval: float = 0.05
+    ) -> AuditReport:
+        """Stay as a live monitor after :meth:`run`: verify and replay each new batch.
+
+        Returns the report when a problem is found (cancel the task to stop).
+        """
+        while self.report.ok:
+            added = await self._catch_up()
+            if self.report.problems:
+                break
+            if added:
+                await self._compare_archive()
+                self._finish()
+                on_batch(self.report, added)
+            else:
+                await asyncio.sleep(poll_interval)
+        return self.report
+
+    async def close(self) -> None:
+        for item in (self.replay, self.log, self.archive):
+            if item is not None:
+                await item.close()
+
+
+@dataclass
+class ReceiptCheck:
+    """What :func:`check_receipt` found: whether the receipt's entry is still in the log."""
+
+    ok: bool
+    message: str
+    evidence: Evidence | None = None
+
+
+async def check_receipt(receipt: CallReceipt, url: str) -> ReceiptCheck:
+    """Check that a receipt a client kept is included, unchanged, in the VM's current log.
+
+    ``url`` is the VM's ``ws://`` URL or its call log URL. The receipt's
+    checkpoint must be a prefix of the current log (its root equals the
+    current tree's root at that size), which also fixes the entry at the
+    receipt's index. When it is not, the result carries fork evidence: the
+    receipt's signed checkpoint, the current one, and the consistency proof.
+    Raises :class:`TamperError` if the receipt itself does not verify.
+    """
+    key = key_of(receipt.proof.checkpoint)
+    promised = receipt.verify(key)
+    if url.startswith(("ws://", "wss://")):
+        async with RPCClient(url) as client:
+            url = client.backend_info.call_log_url
+    log = await fetch_call_log(url)
+    try:
+        if log.public_key != key.public_key:
+            return ReceiptCheck(False, "the URL serves a different call log than the receipt's")
+        note = log.ledger.checkpoint_text
+        if log.length < promised.size:
+            return ReceiptCheck(
+                False,
+                f"the log has {log.length} entries, fewer than the {promised.size} its receipt "
+                "checkpoint signed",
+            )
+        if log.ledger.tree.root(promised.size) == promised.root_hash:
+            return ReceiptCheck(
+                True,
+                f"entry {receipt.index} is in the current log ({log.length} entries), unchanged",
+            )
+        message = (
+            f"the log no longer holds entry {receipt.index} as the receipt shows: its first "
+            f"{promised.size} entries differ from the receipt's signed checkpoint"
+        )
+        evidence = fork_evidence(receipt.proof.checkpoint, note, log.ledger.tree, message)
+        return ReceiptCheck(False, message, evidence)
+    finally:
+        await log.close()

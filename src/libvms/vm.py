@@ -611,36 +611,51 @@ class BackendVM:
         store._refs += 1
         vm._attach(store, archive, log, runtime)
         log.stage(init)
-        total = call_log.length
-        stats = stats if stats is not None else ReplayStats()
-        stats.entries = 1
-        for seq in range(1, total):
-            entry = await call_log.get(seq)
-            produced = await vm._replay_entry(
-                runtime, archive, entry, seq, call_log.ledger.tree.root(seq)
-            )
-            if check:
-                compare_entry(seq, await call_log.get_raw(seq), produced)
-            log.stage(produced)
-            stats.entries += 1
-            result = entry.get("result", {})
-            if result.get("oracles"):
-                stats.oracle_entries.append(seq)
-            if result.get("aborted"):
-                stats.aborted_entries.append(seq)
-            if seq % 1000 == 0:
-                await store.flush()
-                if progress is not None:
-                    progress(seq, total)
-        await store.flush()
-        if progress is not None:
-            progress(total, total)
-        vm._last_timestamp = max(
-            [int(e["call"].get("timestamp", 0)) for e in [await call_log.get(total - 1)]]
-            if total > 1
-            else [0]
-        )
+        await vm.replay_more(call_log, check=check, progress=progress, stats=stats)
         return vm
+
+    async def replay_more(
+        self,
+        call_log: CallLog,
+        *,
+        check: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+        stats: ReplayStats | None = None,
+    ) -> int:
+        """Continue a replay made by :meth:`from_call_log` with ``call_log``'s newer entries.
+
+        Costs what the new entries cost, not the history: a live auditor keeps
+        the replayed VM and feeds it each new batch. Returns the number of
+        entries replayed.
+        """
+        runtime, archive, log, store = self._runtime, self.files_archive, self.call_log, self._store
+        if runtime is None or store is None:
+            raise LibVMSError("this VM is not a replay in progress")
+        stats = stats if stats is not None else ReplayStats()
+        first, total = log.length, call_log.length
+        chunk = 1000
+        for base in range(first, total, chunk):
+            raws = call_log.ledger.raw_range(base, min(total, base + chunk))
+            for offset, raw in enumerate(raws):
+                seq = base + offset
+                entry = encoding.parse(raw)
+                produced = await self._replay_entry(
+                    runtime, archive, entry, seq, call_log.ledger.tree.root(seq)
+                )
+                if check:
+                    compare_entry(seq, raw, produced)
+                log.stage(produced)
+                result = entry.get("result", {})
+                if result.get("oracles"):
+                    stats.oracle_entries.append(seq)
+                if result.get("aborted"):
+                    stats.aborted_entries.append(seq)
+                self._last_timestamp = max(self._last_timestamp, int(entry["call"]["timestamp"]))
+            await store.flush()
+            if progress is not None:
+                progress(base + len(raws), total)
+        stats.entries = log.length
+        return total - first
 
     async def close(self) -> None:
         """Finish pending commits and release the ledgers and the sandbox."""

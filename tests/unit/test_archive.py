@@ -217,3 +217,9 @@ async def test_conflicting_transaction_is_refused_and_nothing_is_staged():
     assert archive.version == 2
     assert (await archive.stat("/x")).is_dir()
     await archive.close()
+
+
+async def test_unfetched_archive_says_so():
+    archive = FilesArchive("http://127.0.0.1:1/files#" + "A" * 43)
+    with pytest.raises(AttributeError, match=r"download\(\)"):
+        await archive.read_file("/x")

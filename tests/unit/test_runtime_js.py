@@ -948,6 +948,100 @@ async def test_bridge_is_unreachable_and_unforgeable() -> None:
     assert host.requests == [("oracle", ["value", [1, [2]]])]
 
 
+async def test_stack_hooks_cannot_reach_the_prelude() -> None:
+    # CallSite.getFunction() would hand out the prelude's functions; the hook is
+    # locked, and sloppy-mode `caller` gives nothing either.
+    rt = runtime(
+        """
+        exports.hook = async () => {
+          const seen = [];
+          Error.prepareStackTrace = (e, sites) => { seen.push(sites); return 'hooked'; };
+          let defined = true;
+          try {
+            Object.defineProperty(Error, 'prepareStackTrace', {value: () => 'hooked'});
+          } catch (e) {
+            defined = false;
+          }
+          let stack;
+          try { await System.oracles.fail(); } catch (e) { stack = e.stack; }
+          return [seen.length, defined, typeof Error.prepareStackTrace, stack === 'hooked'];
+        };
+        exports.sloppy = function sloppy() {
+          return [typeof sloppy.caller, typeof arguments.callee.caller];
+        };
+        """
+    )
+    host = FakeHost({"oracle": HostError("Nope", "no")})
+    assert await value(rt, "hook", host=host) == [0, False, "undefined", False]
+    assert await value(rt, "sloppy") == ["undefined", "undefined"]
+
+
+async def test_proxy_exports() -> None:
+    rt = runtime(
+        """
+        const target = {f: () => 'via proxy', v: 3};
+        module.exports = new Proxy(target, {
+          getOwnPropertyDescriptor(t, k) {
+            if (k === 'boom') throw new TypeError('trap');
+            return Reflect.getOwnPropertyDescriptor(t, k);
+          },
+        });
+        """
+    )
+    assert rt.export_names() == [("f", True), ("v", False)]
+    assert await value(rt, "f") == "via proxy"
+    outcome = await call(rt, "boom")
+    assert outcome.error == ("TypeError", "trap")
+    assert not rt.broken
+    rt = runtime("module.exports = new Proxy({}, {ownKeys() { throw new Error('keys'); }});")
+    with pytest.raises(ScriptError, match="keys"):
+        rt.export_names()
+
+
+async def test_bad_call_arguments_do_not_break() -> None:
+    rt = runtime("exports.f = (x) => x;")
+    with pytest.raises(EncodingError):
+        await call(rt, "f", float("nan"))
+    with pytest.raises(EncodingError):
+        await call(rt, "f", {1, 2})
+    assert not rt.broken
+    assert await value(rt, "f", "ok") == "ok"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [2**53, float("inf"), {1: "int key"}, {"set": {1}}, object()],
+)
+async def test_host_results_must_be_exact_json(bad: Any) -> None:
+    rt = runtime("exports.f = () => System.oracles.x();")
+    with pytest.raises(EncodingError):
+        await call(rt, "f", host=FakeHost({"oracle": lambda args: bad}))
+    assert rt.broken
+
+
+async def test_reentrant_call_is_refused() -> None:
+    rt = runtime("exports.f = () => System.oracles.x(); exports.g = () => 1;")
+
+    async def reenter(args: list[Any]) -> Any:
+        return await call(rt, "g")
+
+    with pytest.raises(RuntimeError, match="already running"):
+        await call(rt, "f", host=FakeHost({"oracle": reenter}))
+    assert rt.broken
+
+
+def test_numeric_locale_is_forced_to_c(monkeypatch: pytest.MonkeyPatch) -> None:
+    import locale
+
+    from libvms.runtime import js
+
+    calls: list[tuple[int, str]] = []
+    monkeypatch.setattr(locale, "localeconv", lambda: {"decimal_point": ","})
+    monkeypatch.setattr(locale, "setlocale", lambda cat, name: calls.append((cat, name)))
+    js._ensure_c_numeric_locale()
+    assert calls == [(locale.LC_NUMERIC, "C")]
+
+
 def test_script_cannot_escape_module_scope() -> None:
     rt = runtime("}); globalThis.escaped = 1; (function () {")
     assert rt.export_names() == []

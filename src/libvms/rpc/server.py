@@ -98,6 +98,7 @@ class _Mount:
     nonces: NonceTracker
     methods: list[str]
     origin: str
+    method_set: frozenset[str] = frozenset()
     connections: set[_Connection] = field(default_factory=set)
     durable: dict[str, tuple[str, int]] = field(default_factory=dict)
     set_locations: bool = False
@@ -199,6 +200,7 @@ class RPCServer:
             nonces=NonceTracker(self.signature_window_ms),
             methods=methods,
             origin=log_identity(vm.call_log.public_key),
+            method_set=frozenset(methods),
         )
         _recall_nonces(mount, _now_ms())
         self._mounts[path] = mount
@@ -546,7 +548,7 @@ class RPCServer:
         if mount.closed:
             return refuse(ErrorCode.UNAVAILABLE, "the VM is no longer served here")
         method = request.method
-        if method not in mount.methods:
+        if method not in mount.method_set:
             if method == "init":
                 return refuse(
                     ErrorCode.METHOD_NOT_FOUND,

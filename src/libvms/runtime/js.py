@@ -30,10 +30,26 @@ Determinism rules (what a replay on any machine relies on):
   gives ``("Error", String(value))``. Lone surrogates in either are replaced
   by U+FFFD.
 
+* Requests the script makes while it loads are rejected (``UnavailableError``):
+  there is no host then. Errors thrown by timer callbacks and microtasks are
+  logged to the console and do not end the call.
+
 No Python callable is ever exposed to the script: the quickjs wrapper cannot
 combine them with its time limit, and an exception inside one poisons the
 interpreter. All traffic goes through JSON strings passed to one JS dispatcher
-function that only the host holds.
+function that only the host holds; it is never stored on ``globalThis``.
+
+Limits. ``call_timeout`` bounds a whole call (or load), host awaits included: a
+wall-clock deadline is checked between JS steps, and every step runs under the
+engine's time limit set to what is left. That engine limit counts the process's
+CPU time (C ``clock()``), so busy threads elsewhere in the process make it fire
+sooner. The engine reports it as an uncatchable ``InternalError: interrupted``.
+Out of memory and stack overflow surface as ordinary JS errors
+(``InternalError: out of memory``, ``RangeError: Maximum call stack size
+exceeded``) that a script can catch; when one ends a call or load uncaught it
+becomes :class:`LimitExceeded`. Where they strike depends on the machine, so a
+script that catches them may replay differently. After any
+:class:`LimitExceeded` the runtime is :attr:`JSRuntime.broken`: build a new one.
 
 Threading: the quickjs wrapper releases the GIL while JS runs, but one context
 must only ever be used from one thread (the wrapper's own documentation reports
@@ -236,9 +252,9 @@ def _begin_args(
 
 
 def _ensure_c_numeric_locale() -> None:
-    # QuickJS relies on the C library for some number parsing and printing; a
-    # locale whose decimal point is not "." (de_DE, fr_FR...) would change how
-    # numbers read and print, so LC_NUMERIC must be "C"-like.
+    # QuickJS may use the C library to parse and print numbers, and those follow
+    # LC_NUMERIC: a locale whose decimal point is not "." (de_DE, fr_FR...) would
+    # change how a script's numbers read and print. Force "C" for LC_NUMERIC.
     if locale.localeconv()["decimal_point"] != ".":
         locale.setlocale(locale.LC_NUMERIC, "C")
 
@@ -377,7 +393,8 @@ class JSRuntime:
         """``(name, is_function)`` of ``module.exports``' own enumerable keys, in JS key order.
 
         Accessor properties are reported as non-functions and their getters are
-        not run.
+        not run. Raises :class:`ScriptError` when the exports cannot be listed (a
+        Proxy whose trap throws).
         """
         self._check_ready()
         deadline = time.monotonic() + self._call_timeout

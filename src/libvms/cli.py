@@ -1,0 +1,840 @@
+"""The ``libvms`` command line: serve a VM, call it, read its call log, make keys.
+
+Every command is a function decorated with ``@main.command()``; it parses its
+arguments, calls the library and formats the result. Asynchronous work goes
+through :func:`_run`, which turns the failures a user can cause (a bad URL, a
+refused connection, a missing file, data that does not verify...) into one line
+on stderr and an exit code, never a traceback:
+
+* 0: success;
+* 1: the command failed (:data:`EXIT_FAILURE`);
+* 2: the command line itself is wrong (click's usage errors).
+
+A command needing another code for its failures defines a subclass of
+:class:`CLIError` with that ``exit_code`` and passes it to :func:`_run` as
+``error=``, or raises it itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import shlex
+import signal
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import aiohttp
+import click
+import platformdirs
+
+from . import encoding, remote
+from .errors import EncodingError, LibVMSError, VMCallError
+from .keys import Keypair, parse_ledger_url
+from .log import CallLog
+from .rpc import RPCClient, RPCServer
+from .vm import BackendVM
+
+T = TypeVar("T")
+
+EXIT_FAILURE = 1
+
+#: Where ``libvms keygen`` writes a key when no file is named.
+DEFAULT_KEY_FILE = "libvms-user.key"
+
+#: Failures a user can cause; :func:`_run` reports them in one line.
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
+    LibVMSError,
+    OSError,
+    aiohttp.ClientError,
+    asyncio.TimeoutError,
+)
+
+
+# -- errors and the event loop -------------------------------------------------
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+class CLIError(click.ClickException):
+    """An expected failure: ``error: <message>`` on stderr, then exit with ``exit_code``."""
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_one_line(message) or "failed")
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"error: {self.message}", file=file, err=file is None)
+
+
+def describe_error(exc: BaseException) -> str:
+    """What went wrong, for a user: a script error as ``Name: message``, else the message."""
+    if isinstance(exc, VMCallError):
+        return f"{exc.name}: {exc.message}"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and not isinstance(exc, LibVMSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return _one_line(str(exc)) or type(exc).__name__
+
+
+@contextlib.contextmanager
+def expected_errors(error: type[CLIError] = CLIError) -> Iterator[None]:
+    """Turn the failures of :data:`EXPECTED_ERRORS` raised inside into ``error``."""
+    try:
+        yield
+    except EXPECTED_ERRORS as exc:
+        raise error(describe_error(exc)) from exc
+
+
+def _run(coro: Coroutine[Any, Any, T], *, error: type[CLIError] = CLIError) -> T:
+    """Run ``coro`` in a fresh event loop; expected failures are raised as ``error``."""
+    with expected_errors(error):
+        return asyncio.run(coro)
+
+
+def _dump(value: Any) -> str:
+    """A JSON value on one line, as commands print results."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _parse_arg(text: str) -> Any:
+    """A command-line argument: its JSON value when it is JSON, else the string itself."""
+    try:
+        return encoding.parse(text)
+    except EncodingError:
+        return text
+
+
+# -- shared options ------------------------------------------------------------
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _caller_options(f: F) -> F:
+    f = click.option(
+        "--key",
+        "key_file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Sign every call with this key file (see `libvms keygen`); "
+        "your user id is its public key.",
+    )(f)
+    f = click.option(
+        "-u",
+        "--user",
+        help="Debug mode: call unsigned as this user id, which the server takes on trust.",
+    )(f)
+    return f
+
+
+def _caller(user: str | None, key_file: Path | None) -> tuple[str | None, Keypair | None]:
+    if user is not None and key_file is not None:
+        raise click.UsageError("use either --user or --key, not both")
+    if key_file is None:
+        return user, None
+    with expected_errors():
+        return None, Keypair.load(key_file)
+
+
+class _ByteSize(click.ParamType):
+    """A size in bytes: ``67108864``, ``64M``, ``512K``, ``1G`` (powers of 1024)."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)(?:i?b)?\s*", str(value), re.IGNORECASE)
+        if match is None or int(match[1]) == 0:
+            self.fail(f"{value!r} is not a size such as 67108864, 64M or 1G", param, ctx)
+        return int(match[1]) * 1024 ** " kmg".index(match[2].lower() or " ")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="libvms")
+def main() -> None:
+    """Run cryptographically auditable VMs, call them and read their call logs.
+
+    A VM is a JavaScript backend script whose exported functions are called over
+    JSON-RPC. Every call goes into a signed, append-only call log that anyone can
+    fetch, verify and replay.
+    """
+
+
+# -- exec ----------------------------------------------------------------------
+
+
+def _read_script(script: Path) -> str:
+    try:
+        return script.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CLIError(f"cannot read script {script}: it is not UTF-8 text") from None
+    except OSError as exc:
+        raise CLIError(f"cannot read script {script}: {exc.strerror or exc}") from None
+
+
+def _log_to_stderr() -> None:
+    """Show the library's log (scripts' console output among it) on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    library = logging.getLogger("libvms")
+    library.addHandler(handler)
+    library.setLevel(logging.INFO)
+
+
+async def _wait_for_stop() -> None:
+    """Return at the first SIGINT or SIGTERM.
+
+    The handlers are removed then, so that a second Ctrl-C interrupts a slow
+    shutdown. Where the loop cannot handle signals, Ctrl-C still raises
+    KeyboardInterrupt as usual.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+    try:
+        await stop.wait()
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+async def _serve(
+    code: str,
+    *,
+    host: str,
+    port: int,
+    data_dir: Path,
+    title: str,
+    call_timeout: float,
+    memory_limit: int,
+) -> None:
+    vm = BackendVM(code, call_timeout=call_timeout, memory_limit=memory_limit)
+    try:
+        await vm.deploy(data_dir, title=title)
+        server = RPCServer(vm, port=port, host=host)
+        await server.start()
+        try:
+            for warning in vm.warnings:
+                click.echo(f"warning: {warning}", err=True)
+            click.echo(f"Serving at {server.url()}")
+            click.echo(f"Data directory: {data_dir.resolve()}")
+            click.echo(f"Call log URL: {vm.call_log.url}")
+            click.echo(f"Files archive URL: {vm.files_archive.url}")
+            click.echo(f"Methods: {', '.join(vm.methods) or '(none)'}")
+            sys.stdout.flush()
+            await _wait_for_stop()
+        finally:
+            await server.close()
+    finally:
+        await vm.close()
+
+
+@main.command("exec")
+@click.argument("script", type=click.Path(path_type=Path))
+@click.option(
+    "-p",
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=5555,
+    show_default=True,
+    help="TCP port to listen on; 0 picks a free one.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--dir",
+    "data_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Data directory of the VM's ledgers.  [default: ./<script name without extension>]",
+)
+@click.option("--title", help="Title of the files archive.  [default: '<script file name> files']")
+@click.option(
+    "--call-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="Seconds a call may run before it is aborted.",
+)
+@click.option(
+    "--memory-limit",
+    type=_ByteSize(),
+    default="64M",
+    show_default=True,
+    help="Memory the script may use, in bytes (K, M and G suffixes are powers of 1024).",
+)
+def exec_(
+    script: Path,
+    port: int,
+    host: str,
+    data_dir: Path | None,
+    title: str | None,
+    call_timeout: float,
+    memory_limit: int,
+) -> None:
+    """Deploy SCRIPT as a VM and serve it over JSON-RPC on WebSocket.
+
+    A data directory that already holds this script's VM is reopened: its
+    ledgers are verified and the script's state is rebuilt by replaying the
+    call log. The served URLs are printed, one per line; Ctrl-C or SIGTERM
+    stops the server once the calls in progress are logged.
+    """
+    code = _read_script(script)
+    _log_to_stderr()
+    _run(
+        _serve(
+            code,
+            host=host,
+            port=port,
+            data_dir=data_dir if data_dir is not None else Path(script.stem),
+            title=title if title is not None else f"{script.name} files",
+            call_timeout=call_timeout,
+            memory_limit=memory_limit,
+        )
+    )
+
+
+# -- call ----------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _connected(url: str, user: str | None, key: Keypair | None) -> AsyncIterator[RPCClient]:
+    client = RPCClient(url, user=user, key=key)
+    await client.connect()
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+def _check_method(client: RPCClient, method: str) -> None:
+    methods = client.backend_info.methods
+    if method not in methods:
+        exported = ", ".join(methods) or "nothing"
+        raise CLIError(f"the VM exports no method {method!r} (it exports: {exported})")
+
+
+async def _call(
+    url: str, method: str, args: list[Any], user: str | None, key: Keypair | None
+) -> Any:
+    async with _connected(url, user, key) as client:
+        _check_method(client, method)
+        return await client.call(method, *args)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("url")
+@click.argument("method")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@_caller_options
+def call(
+    url: str, method: str, args: tuple[str, ...], user: str | None, key_file: Path | None
+) -> None:
+    """Call METHOD of the VM at URL once and print its result as JSON.
+
+    Each of ARGS is passed as its JSON value when it parses as JSON (1, true,
+    '"1"', '{"a": 1}'), else as a string. A method that returns nothing
+    prints null. A script error prints `error: Name: message` and exits 1.
+    """
+    caller, key = _caller(user, key_file)
+    result = _run(_call(url, method, [_parse_arg(a) for a in args], caller, key))
+    click.echo(_dump(result))
+
+
+# -- repl ----------------------------------------------------------------------
+
+
+class _LoopThread:
+    """An event loop running in a daemon thread.
+
+    The prompt blocks in ``input()`` on the main thread, where Ctrl-C and
+    readline work as usual, while the connection keeps answering the server's
+    pings in this loop.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="libvms-repl", daemon=True
+        )
+
+    def __enter__(self) -> _LoopThread:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            future.cancel()
+            raise
+
+
+class ReplSyntaxError(ValueError):
+    """A REPL line that is neither a dot command nor a call."""
+
+
+_IDENTIFIER = re.compile(r"[A-Za-z_$][\w$]*")
+_CALL_FORM = re.compile(r"(?:await\s+)?(?:client\s*\.\s*)?([A-Za-z_$][\w$]*)\s*\(")
+_JSON = json.JSONDecoder(strict=False)
+
+
+def _skip_space(text: str, i: int) -> int:
+    while i < len(text) and text[i].isspace():
+        i += 1
+    return i
+
+
+def _single_quoted(text: str, i: int) -> tuple[str, int]:
+    """The string literal in single quotes at ``text[i]``, with JSON's escapes."""
+    out: list[str] = []
+    j = i + 1
+    while j < len(text):
+        ch = text[j]
+        if ch == "\\" and j + 1 < len(text):
+            out.append("'" if text[j + 1] == "'" else text[j : j + 2])
+            j += 2
+        elif ch == "'":
+            try:
+                return json.loads('"' + "".join(out) + '"', strict=False), j + 1
+            except ValueError:
+                raise ReplSyntaxError(f"bad escape in the string at column {i + 1}") from None
+        else:
+            out.append('\\"' if ch == '"' else ch)
+            j += 1
+    raise ReplSyntaxError(f"the string at column {i + 1} is not closed")
+
+
+def _items(text: str, i: int, close: str, item: Callable[[int], int]) -> int:
+    """Parse ``item, item, ...`` up to ``close`` (a trailing comma is allowed)."""
+    i = _skip_space(text, i)
+    if text.startswith(close, i):
+        return i + 1
+    while True:
+        i = _skip_space(text, item(_skip_space(text, i)))
+        if text.startswith(",", i):
+            i = _skip_space(text, i + 1)
+            if text.startswith(close, i):
+                return i + 1
+        elif text.startswith(close, i):
+            return i + 1
+        else:
+            raise ReplSyntaxError(f"expected ',' or '{close}' at column {i + 1}")
+
+
+def _literal(text: str, i: int) -> tuple[Any, int]:
+    """The value at ``text[i]``: JSON, plus 'single-quoted' strings and bare object keys."""
+    if i >= len(text):
+        raise ReplSyntaxError("a value is missing at the end of the line")
+    ch = text[i]
+    if ch == "'":
+        return _single_quoted(text, i)
+    if ch == "[":
+        values: list[Any] = []
+
+        def element(j: int) -> int:
+            value, end = _literal(text, j)
+            values.append(value)
+            return end
+
+        return values, _items(text, i + 1, "]", element)
+    if ch == "{":
+        obj: dict[str, Any] = {}
+
+        def member(j: int) -> int:
+            name = _IDENTIFIER.match(text, j)
+            if name is not None:
+                key, j = name[0], name.end()
+            else:
+                key, j = _literal(text, j)
+                if not isinstance(key, str):
+                    raise ReplSyntaxError(f"an object key must be a name or a string: {key!r}")
+            j = _skip_space(text, j)
+            if not text.startswith(":", j):
+                raise ReplSyntaxError(f"expected ':' at column {j + 1}")
+            obj[key], j = _literal(text, _skip_space(text, j + 1))
+            return j
+
+        return obj, _items(text, i + 1, "}", member)
+    try:
+        return _JSON.raw_decode(text, i)
+    except ValueError:
+        raise ReplSyntaxError(f"cannot read a value at column {i + 1}: {text[i:]!r}") from None
+
+
+def parse_repl_line(line: str) -> tuple[str, list[Any]]:
+    """The method and arguments of a REPL call, in either of its forms.
+
+    * ``foo 1 "x"``: shell-like words, each its JSON value when it is JSON, else
+      a string (as ``libvms call`` takes its arguments);
+    * ``foo(1, 'x')``, ``client.foo(1)`` or ``await client.foo(1)``: a call with
+      JSON arguments, where strings may also be single-quoted and object keys
+      bare names.
+    """
+    match = _CALL_FORM.match(line)
+    if match is not None:
+        args: list[Any] = []
+
+        def argument(j: int) -> int:
+            value, end = _literal(line, j)
+            args.append(value)
+            return end
+
+        end = _items(line, match.end(), ")", argument)
+        rest = line[end:].strip()
+        if rest not in ("", ";"):
+            raise ReplSyntaxError(f"unexpected {rest!r} after the call")
+        return match[1], args
+    try:
+        words = shlex.split(line)
+    except ValueError as exc:
+        raise ReplSyntaxError(str(exc)) from None
+    if words and words[0] == "await":
+        words = words[1:]
+    if not words:
+        raise ReplSyntaxError("nothing to call")
+    method = words[0].removeprefix("client.")
+    if _IDENTIFIER.fullmatch(method) is None:
+        raise ReplSyntaxError(f"{words[0]!r} is not a method name")
+    return method, [_parse_arg(word) for word in words[1:]]
+
+
+REPL_HELP = """\
+Call an exported method in either form:
+  increment 2 "x"            words, each its JSON value when it is JSON, else a string
+  await client.increment(2)  or increment(2, 'x'): a call with JSON arguments
+                             ('single quotes' and bare object keys are accepted)
+Commands:
+  .methods   list the VM's exported methods
+  .help      show this help
+  .exit      leave (Ctrl-D too)"""
+
+_DOT_COMMANDS = (".methods", ".help", ".exit")
+
+
+def _history_file() -> Path:
+    return platformdirs.user_state_path("libvms") / "repl_history"
+
+
+def _setup_readline(words: Sequence[str]) -> Callable[[], None] | None:
+    """Enable line editing, history and completion; returns the history saver."""
+    try:
+        import readline
+    except ImportError:
+        return None
+    history = _history_file()
+    with contextlib.suppress(OSError):
+        readline.read_history_file(history)
+    readline.set_history_length(1000)
+
+    def complete(text: str, state: int) -> str | None:
+        prefix = "client." if text.startswith("client.") else ""
+        options = [prefix + w for w in words if (prefix + w).startswith(text)]
+        return options[state] if state < len(options) else None
+
+    readline.set_completer(complete)
+    if "libedit" in (readline.__doc__ or ""):
+        readline.parse_and_bind("bind ^I rl_complete")
+    else:
+        readline.parse_and_bind("tab: complete")
+
+    def save() -> None:
+        with contextlib.suppress(OSError):
+            history.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(history)
+
+    return save
+
+
+@dataclass
+class _Repl:
+    loop: _LoopThread
+    client: RPCClient
+
+    def execute(self, line: str) -> bool:
+        """Run one line, printing its result; False once the user asked to leave.
+
+        Raises :class:`CLIError` (or an expected error) when the line fails.
+        """
+        line = line.strip()
+        if not line or line.startswith("//"):
+            return True
+        if line.startswith("."):
+            command = line.split()[0]
+            if command in (".exit", ".quit"):
+                return False
+            if command == ".methods":
+                click.echo("\n".join(self.client.backend_info.methods) or "(no methods)")
+            elif command == ".help":
+                click.echo(REPL_HELP)
+            else:
+                raise CLIError(f"unknown command {command}: try .help")
+            return True
+        try:
+            method, args = parse_repl_line(line)
+        except ReplSyntaxError as exc:
+            raise CLIError(f"cannot read the line: {exc}") from None
+        _check_method(self.client, method)
+        with expected_errors():
+            result = self.loop.run(self.client.call(method, *args))
+        click.echo(_dump(result))
+        return True
+
+    def interact(self) -> int:
+        """Read lines until ``.exit`` or end of input; the exit code.
+
+        When input is not a terminal (a piped script) no prompt is shown, and the
+        exit code is 1 if any line failed.
+        """
+        interactive = sys.stdin.isatty()
+        save_history = None
+        if interactive:
+            methods = self.client.backend_info.methods
+            save_history = _setup_readline([*methods, *_DOT_COMMANDS])
+            click.echo(f"Connected to {self.client.url} ({len(methods)} methods). Type .help.")
+        failed = False
+        try:
+            while True:
+                try:
+                    line = input("libvms> " if interactive else "")
+                except EOFError:
+                    if interactive:
+                        click.echo()
+                    break
+                except KeyboardInterrupt:
+                    click.echo()
+                    continue
+                try:
+                    if not self.execute(line):
+                        break
+                except KeyboardInterrupt:
+                    click.echo("error: interrupted; the call may still be logged", err=True)
+                except CLIError as exc:
+                    failed = True
+                    exc.show()
+                    if not self.client.connected:
+                        raise CLIError(f"the connection to {self.client.url} is lost") from None
+        finally:
+            if save_history is not None:
+                save_history()
+        return EXIT_FAILURE if failed and not interactive else 0
+
+
+@main.command()
+@click.argument("url")
+@_caller_options
+@click.option(
+    "-e",
+    "--eval",
+    "expression",
+    metavar="EXPR",
+    help="Run EXPR (a call or a dot command), print its result and exit.",
+)
+def repl(url: str, user: str | None, key_file: Path | None, expression: str | None) -> None:
+    """Call the methods of the VM at URL from an interactive prompt.
+
+    Type `increment 2` or `await client.increment(2)`; `.methods` lists the
+    methods, `.help` shows the syntax and `.exit` (or Ctrl-D) leaves.
+    """
+    caller, key = _caller(user, key_file)
+    with _LoopThread() as loop:
+        client = RPCClient(url, user=caller, key=key)
+        with expected_errors():
+            loop.run(client.connect())
+        try:
+            session = _Repl(loop, client)
+            if expression is not None:
+                session.execute(expression)
+                code = 0
+            else:
+                code = session.interact()
+        finally:
+            loop.run(client.close())
+    if code:
+        sys.exit(code)
+
+
+# -- keygen --------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("file", default=DEFAULT_KEY_FILE, type=click.Path(dir_okay=False, path_type=Path))
+def keygen(file: Path) -> None:
+    """Create a user key in FILE (./libvms-user.key by default) and print its user id.
+
+    The file is created with mode 0600 and an existing file is never
+    overwritten. Sign calls with it using `--key FILE`.
+    """
+    key = Keypair.generate()
+    with expected_errors():
+        key.save(file)
+    click.echo(key.user_id)
+
+
+# -- log -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _LogSlice:
+    url: str
+    length: int
+    start: int
+    entries: list[bytes]
+
+
+def _is_url(source: str) -> bool:
+    return "://" in source or source.startswith("libvms:")
+
+
+async def _open_log(source: str) -> CallLog:
+    """The call log at ``source``: a data directory, a VM's URL or a call log URL."""
+    if not _is_url(source):
+        if not Path(source).is_dir():
+            raise CLIError(f"{source} is neither a data directory nor a URL")
+        return await CallLog.open(source)
+    url = source
+    if "#" not in url:
+        # A VM's URL: its server names its call log.
+        async with _connected(url, None, None) as client:
+            url = client.backend_info.call_log_url
+    try:
+        location, _ = parse_ledger_url(url)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    if location is None:
+        raise CLIError(f"{url} names a call log but not where to fetch it")
+    return await remote.fetch_call_log(url)
+
+
+async def _read_log(source: str, start: int, end: int | None) -> _LogSlice:
+    log = await _open_log(source)
+    try:
+        last = log.length if end is None else min(end, log.length)
+        first = min(start, last)
+        entries = [await log.get_raw(seq) for seq in range(first, last)]
+        return _LogSlice(log.url, log.length, first, entries)
+    finally:
+        await log.close()
+
+
+def _short(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _outcome(entry: dict[str, Any]) -> tuple[str, str]:
+    """The result cell of an entry and its style."""
+    if entry.get("type") == "init":
+        code = entry.get("code")
+        size = len(code.encode("utf-8")) if isinstance(code, str) else 0
+        return f"script of {size} bytes", "dim"
+    result = entry.get("result")
+    if not isinstance(result, dict):
+        return "", ""
+    if "err" in result:
+        err = result["err"]
+        if isinstance(err, dict) and "name" in err and "message" in err:
+            text = f"{err['name']}: {err['message']}"
+        else:
+            text = _dump(err)
+        prefix = "aborted" if result.get("aborted") else "error"
+        return f"{prefix}: {text}", "red"
+    return (_dump(result["res"]), "") if "res" in result else ("", "")
+
+
+def _print_table(view: _LogSlice) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        # Piped output is read by people and greps, not squeezed into 80 columns.
+        console.width = max(console.width, 160)
+    end = view.start + len(view.entries)
+    span = f"entries {view.start}–{end - 1}" if view.entries else "no entries"
+    table = Table(title=f"call log {view.url}", caption=f"{span} of {view.length}")
+    for name in ("#", "type", "user", "method", "args", "result / err", "filesVersion"):
+        numeric = name in ("#", "filesVersion")
+        table.add_column(
+            name, justify="right" if numeric else "left", no_wrap=True, overflow="ellipsis"
+        )
+    for seq, raw in enumerate(view.entries, start=view.start):
+        entry = encoding.parse(raw)
+        if not isinstance(entry, dict):
+            table.add_row(str(seq), "?", "", "", "", Text(_short(_dump(entry), 40)), "")
+            continue
+        call = entry.get("call")
+        call = call if isinstance(call, dict) else {}
+        result = entry.get("result")
+        result = result if isinstance(result, dict) else {}
+        user = call.get("userId")
+        args = call.get("args")
+        outcome, style = _outcome(entry)
+        version = result.get("filesVersion")
+        table.add_row(
+            str(seq),
+            Text(_short(str(entry.get("type", "?")), 8)),
+            Text(_short(user, 24) if isinstance(user, str) else ""),
+            Text(_short(str(call.get("methodName", "")), 30)),
+            Text(_short(_dump(args), 40) if args is not None else ""),
+            Text(_short(outcome, 48), style=style),
+            str(version) if version is not None else "",
+        )
+    console.print(table)
+
+
+@main.command("log")
+@click.argument("source", metavar="URL_OR_DIR")
+@click.option(
+    "--start",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Index of the first entry.",
+)
+@click.option(
+    "--end",
+    type=click.IntRange(min=0),
+    help="Index after the last entry.  [default: the log's length]",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print each entry as canonical JSON, one per line."
+)
+def log_(source: str, start: int, end: int | None, as_json: bool) -> None:
+    """Print the entries of a call log.
+
+    URL_OR_DIR is a VM's data directory, a VM's URL (ws://host:port/, whose
+    server names its call log) or a call log URL (http://host:port/log#key).
+    Fetched entries are verified against the call log's key, and a directory
+    against its signed checkpoint, before anything is printed.
+    """
+    view = _run(_read_log(source, start, end))
+    if as_json:
+        for raw in view.entries:
+            click.echo(raw.decode("utf-8"))
+    else:
+        _print_table(view)
+
+
+if __name__ == "__main__":
+    main(prog_name="libvms")
