@@ -314,3 +314,36 @@ async def test_entry_bytes_identical_between_original_and_replay():
     assert canonical(await vm.call_log.get(1)) == await replay.call_log.get_raw(1)
     await replay.close()
     await vm.close()
+
+
+async def test_sandbox_and_limits_keep_the_vm_serving_and_replay_verifies():
+    code = """
+    let n = 0
+    exports.inc = () => ++n
+    exports.reach = () => [typeof require, typeof process, typeof std, typeof os,
+                           typeof WeakRef, typeof SharedArrayBuffer, typeof performance,
+                           Object.getOwnPropertyNames(globalThis).filter(k => /bridge|host|py/i.test(k))]
+    exports.dynamicImport = async () => { await import('os') }
+    exports.bomb = () => { const a = []; while (true) a.push(new Array(1e6).fill(1)) }
+    exports.deep = () => { const f = (x) => f(x + 1) + 1; return f(0) }
+    exports.spin = () => { for (;;) {} }
+    """
+    vm = BackendVM(code, call_timeout=0.5, memory_limit=32 * 2**20)
+    await vm.deploy()
+    assert await vm.execute_call("inc") == 1
+    reach = await vm.execute_call("reach")
+    assert reach[:7] == ["undefined"] * 7 and reach[7] == []
+    with pytest.raises(VMCallError):
+        await vm.execute_call("dynamicImport")
+    for method in ["bomb", "deep", "spin"]:
+        with pytest.raises(VMCallError) as info:
+            await vm.execute_call(method)
+        assert isinstance(info.value, LimitExceeded) or info.value.name == "RangeError"
+        assert await vm.execute_call("inc") > 1  # still serving, state intact
+    assert await vm.execute_call("inc") == 5
+    replay = await BackendVM.from_call_log(
+        vm.call_log, {"files_archive_url": vm.files_archive.url}, check=True, call_timeout=0.5
+    )
+    await Verifier.compare_logs(vm.call_log, replay.call_log)
+    await replay.close()
+    await vm.close()
