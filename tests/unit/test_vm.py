@@ -322,7 +322,8 @@ async def test_sandbox_and_limits_keep_the_vm_serving_and_replay_verifies():
     exports.inc = () => ++n
     exports.reach = () => [typeof require, typeof process, typeof std, typeof os,
                            typeof WeakRef, typeof SharedArrayBuffer, typeof performance,
-                           Object.getOwnPropertyNames(globalThis).filter(k => /bridge|host|py/i.test(k))]
+                           Object.getOwnPropertyNames(globalThis)
+                             .filter(k => /bridge|host|py/i.test(k))]
     exports.dynamicImport = async () => { await import('os') }
     exports.bomb = () => { const a = []; while (true) a.push(new Array(1e6).fill(1)) }
     exports.deep = () => { const f = (x) => f(x + 1) + 1; return f(0) }
