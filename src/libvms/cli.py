@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequen
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
 import click
@@ -310,8 +311,18 @@ def exec_(
 # -- call ----------------------------------------------------------------------
 
 
+_VM_URL_SCHEMES = ("ws", "wss", "http", "https")
+
+
+def _check_vm_url(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in _VM_URL_SCHEMES or not parts.netloc:
+        raise CLIError(f"{url!r} is not a VM's URL such as ws://127.0.0.1:5555/")
+
+
 @contextlib.asynccontextmanager
 async def _connected(url: str, user: str | None, key: Keypair | None) -> AsyncIterator[RPCClient]:
+    _check_vm_url(url)
     client = RPCClient(url, user=user, key=key)
     await client.connect()
     try:
@@ -657,6 +668,7 @@ def repl(url: str, user: str | None, key_file: Path | None, expression: str | No
     """
     caller, key = _caller(user, key_file)
     with _LoopThread() as loop:
+        _check_vm_url(url)
         client = RPCClient(url, user=caller, key=key)
         with expected_errors():
             loop.run(client.connect())
@@ -712,7 +724,7 @@ async def _open_log(source: str) -> CallLog:
             raise CLIError(f"{source} is neither a data directory nor a URL")
         return await CallLog.open(source)
     url = source
-    if "#" not in url:
+    if "#" not in url and not url.startswith("libvms:"):
         # A VM's URL: its server names its call log.
         async with _connected(url, None, None) as client:
             url = client.backend_info.call_log_url

@@ -35,6 +35,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import hashlib
 import os
 import re
@@ -104,6 +105,7 @@ def _check_public_key(public_key: bytes) -> None:
         raise ValueError(f"an Ed25519 public key is {PUBLIC_KEY_SIZE} bytes")
 
 
+@functools.lru_cache(maxsize=256)
 def _name_problem(name: str) -> str | None:
     """Why ``name`` cannot be a signed-note key name, or ``None`` if it can."""
     if not isinstance(name, str) or not name:
