@@ -41,38 +41,58 @@ def check_value(value: Any, *, max_depth: int = MAX_DEPTH) -> bool:
     already RFC 8785 canonical (same escapes, same integer spelling, and key
     order by code point equals order by UTF-16 code unit).
     """
-    simple = True
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if item is None or isinstance(item, (bool, str)):
-            continue
-        if isinstance(item, int):
-            if not -_SAFE_INT <= item <= _SAFE_INT:
-                raise EncodingError(f"integer {item} is outside the JSON safe range (±2^53-1)")
-            continue
-        if isinstance(item, float):
-            if item != item or item in (float("inf"), float("-inf")):
-                raise EncodingError(f"{item} cannot be represented in JSON")
-            simple = False
-            continue
-        if isinstance(item, (list, tuple)):
-            if depth >= max_depth:
-                raise EncodingError(f"value is nested deeper than {max_depth} levels")
-            stack.extend((x, depth + 1) for x in item)
-            continue
-        if isinstance(item, dict):
-            if depth >= max_depth:
-                raise EncodingError(f"value is nested deeper than {max_depth} levels")
-            for key, x in item.items():
+    return _check(value, max_depth)
+
+
+_INF = float("inf")
+
+
+def _check(item: Any, depth: int) -> bool:
+    # Exact type checks first: this runs on every entry and message.
+    kind = type(item)
+    if kind is str or kind is bool or item is None:
+        return True
+    if kind is int:
+        if -_SAFE_INT <= item <= _SAFE_INT:
+            return True
+        raise EncodingError(f"integer {item} is outside the JSON safe range (±2^53-1)")
+    if kind is dict:
+        if depth <= 0:
+            raise EncodingError(f"value is nested deeper than {MAX_DEPTH} levels")
+        simple = True
+        for key, x in item.items():
+            if type(key) is not str:
                 if not isinstance(key, str):
                     raise EncodingError(f"object key {key!r} is not a string")
-                if simple and not key.isascii() and max(key) > "\uffff":
-                    simple = False
-                stack.append((x, depth + 1))
-            continue
-        raise EncodingError(f"{type(item).__name__} values cannot be represented in JSON")
-    return simple
+            elif not key.isascii() and max(key) > "\uffff":
+                simple = False
+            if not _check(x, depth - 1):
+                simple = False
+        return simple
+    if kind is list or kind is tuple:
+        if depth <= 0:
+            raise EncodingError(f"value is nested deeper than {MAX_DEPTH} levels")
+        simple = True
+        for x in item:
+            if not _check(x, depth - 1):
+                simple = False
+        return simple
+    if kind is float:
+        if item != item or item == _INF or item == -_INF:
+            raise EncodingError(f"{item} cannot be represented in JSON")
+        return False
+    # Subclasses of the JSON types (an IntEnum, a str subclass...) take the slow road.
+    if isinstance(item, str):
+        return True
+    if isinstance(item, int):
+        return _check(int(item), depth)
+    if isinstance(item, float):
+        return _check(float(item), depth)
+    if isinstance(item, dict):
+        return _check(dict(item), depth)
+    if isinstance(item, (list, tuple)):
+        return _check(list(item), depth)
+    raise EncodingError(f"{type(item).__name__} values cannot be represented in JSON")
 
 
 def canonical(value: Any, *, max_bytes: int = MAX_ENTRY_BYTES) -> bytes:
@@ -128,6 +148,11 @@ def parse(data: bytes | str, *, max_bytes: int = MAX_ENTRY_BYTES) -> Any:
         raise EncodingError(f"invalid JSON: {exc}") from exc
     check_value(value)
     return value
+
+
+def parse_verified(data: bytes) -> Any:
+    """Parse bytes already known to be canonical JSON (a verified ledger entry)."""
+    return json.loads(data)
 
 
 def parse_canonical(data: bytes, *, max_bytes: int = MAX_ENTRY_BYTES) -> Any:

@@ -186,7 +186,8 @@ class Ledger:
         return out
 
     def get(self, seq: int) -> Any:
-        return encoding.parse(self.raw(seq))
+        # Stored entries were canonical when written or verified when fetched.
+        return encoding.parse_verified(self.raw(seq))
 
     def _blob_column(self, seq: int, value: object) -> bytes:
         if not isinstance(value, bytes):
@@ -209,6 +210,12 @@ class Ledger:
         if not isinstance(entry, dict):
             raise EncodingError("ledger entries must be JSON objects")
         data = encoding.canonical(entry)
+        return self._stage_raw(data)
+
+    def stage_canonical(self, data: bytes) -> int:
+        """Stage bytes the caller produced with :func:`encoding.canonical` from an object."""
+        if self.keypair is None:
+            raise LibVMSError(f"this {self.name} is a read-only copy")
         return self._stage_raw(data)
 
     def _stage_raw(self, data: bytes) -> int:

@@ -236,7 +236,7 @@ class CallLog:
         """Entries ``start`` (default 0) to ``end`` (exclusive, default the length)."""
         first = 0 if start is None else start
         last = self.length if end is None else end
-        return [encoding.parse(d) for d in self._ledger.raw_range(first, last)]
+        return [encoding.parse_verified(d) for d in self._ledger.raw_range(first, last)]
 
     async def get(self, seq: int) -> Any:
         """Entry ``seq``; IndexError if there is none."""
@@ -272,6 +272,10 @@ class CallLog:
     def stage(self, entry: dict[str, Any]) -> int:
         """Stage an entry without waiting for durability; returns its index."""
         return self._ledger.stage_append(entry)
+
+    def stage_canonical(self, data: bytes) -> int:
+        """Stage an entry already encoded by :func:`encoding.canonical`; returns its index."""
+        return self._ledger.stage_canonical(data)
 
     async def append(self, entry: dict[str, Any]) -> int:
         """Append one JSON object; returns its index once durable."""

@@ -638,13 +638,14 @@ class BackendVM:
             raws = call_log.ledger.raw_range(base, min(total, base + chunk))
             for offset, raw in enumerate(raws):
                 seq = base + offset
-                entry = encoding.parse(raw)
+                entry = encoding.parse_verified(raw)
                 produced = await self._replay_entry(
                     runtime, archive, entry, seq, call_log.ledger.tree.root(seq)
                 )
                 if check:
-                    compare_entry(seq, raw, produced)
-                log.stage(produced)
+                    log.stage_canonical(compare_entry(seq, raw, produced))
+                else:
+                    log.stage(produced)
                 result = entry.get("result", {})
                 if result.get("oracles"):
                     stats.oracle_entries.append(seq)
@@ -739,10 +740,12 @@ def differences(expected: Any, found: Any, where: str = "") -> Iterator[tuple[st
         yield where, expected, found
 
 
-def compare_entry(seq: int, expected: bytes, produced: dict[str, Any]) -> None:
+def compare_entry(seq: int, expected: bytes, produced: dict[str, Any]) -> bytes:
+    """The canonical bytes of ``produced``; :class:`VerificationError` naming the first
+    differing field unless they equal ``expected``."""
     produced_bytes = encoding.canonical(produced)
     if produced_bytes == expected:
-        return
+        return produced_bytes
     logged = encoding.parse(expected)
     diffs = list(differences(logged, produced))
     where, logged_value, replayed_value = diffs[0] if diffs else ("", logged, produced)
