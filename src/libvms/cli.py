@@ -35,12 +35,25 @@ from urllib.parse import urlsplit
 import aiohttp
 import click
 import platformdirs
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from . import encoding, remote
 from .errors import EncodingError, LibVMSError, VMCallError
+from .evidence import Evidence, Finding
+from .evidence import check as check_evidence
 from .keys import Keypair, parse_ledger_url
 from .log import CallLog
 from .rpc import RPCClient, RPCServer
+from .signed import CallReceipt
+from .verifier import Auditor, AuditReport, ReceiptCheck, check_receipt
 from .vm import BackendVM
 
 T = TypeVar("T")
@@ -339,11 +352,21 @@ def _check_method(client: RPCClient, method: str) -> None:
 
 
 async def _call(
-    url: str, method: str, args: list[Any], user: str | None, key: Keypair | None
+    url: str,
+    method: str,
+    args: list[Any],
+    user: str | None,
+    key: Keypair | None,
+    receipt_file: Path | None = None,
 ) -> Any:
     async with _connected(url, user, key) as client:
         _check_method(client, method)
-        return await client.call(method, *args)
+        try:
+            return await client.call(method, *args)
+        finally:
+            if receipt_file is not None and client.receipts:
+                text = json.dumps(client.receipts[-1].to_dict(), indent=2) + "\n"
+                receipt_file.write_text(text)
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -351,8 +374,19 @@ async def _call(
 @click.argument("method")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @_caller_options
+@click.option(
+    "--save-receipt",
+    "receipt_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --key: write the call's verified receipt to this file.",
+)
 def call(
-    url: str, method: str, args: tuple[str, ...], user: str | None, key_file: Path | None
+    url: str,
+    method: str,
+    args: tuple[str, ...],
+    user: str | None,
+    key_file: Path | None,
+    receipt_file: Path | None,
 ) -> None:
     """Call METHOD of the VM at URL once and print its result as JSON.
 
@@ -361,7 +395,17 @@ def call(
     prints null. A script error prints `error: Name: message` and exits 1.
     """
     caller, key = _caller(user, key_file)
-    result = _run(_call(url, method, [_parse_arg(a) for a in args], caller, key))
+    values = [_parse_arg(a) for a in args]
+    for text, value in zip(args, values, strict=True):
+        # Negative numbers pass through click as arguments; anything else like an
+        # option is more likely a mistyped option than a string meant for the VM.
+        if text.startswith("-") and isinstance(value, str):
+            raise click.UsageError(
+                f"no such option: {text} (to pass it as a string, quote it as JSON: '\"{text}\"')"
+            )
+    if receipt_file is not None and key is None:
+        raise click.UsageError("--save-receipt needs a signed call (--key FILE)")
+    result = _run(_call(url, method, values, caller, key, receipt_file))
     click.echo(_dump(result))
 
 
@@ -406,7 +450,13 @@ class ReplSyntaxError(ValueError):
 
 _IDENTIFIER = re.compile(r"[A-Za-z_$][\w$]*")
 _CALL_FORM = re.compile(r"(?:await\s+)?(?:client\s*\.\s*)?([A-Za-z_$][\w$]*)\s*\(")
-_JSON = json.JSONDecoder(strict=False)
+
+
+def _no_constant(name: str) -> Any:
+    raise ReplSyntaxError(f"{name} is not a JSON value")
+
+
+_JSON = json.JSONDecoder(strict=False, parse_constant=_no_constant)
 
 
 def _skip_space(text: str, i: int) -> int:
@@ -488,6 +538,8 @@ def _literal(text: str, i: int) -> tuple[Any, int]:
         return obj, _items(text, i + 1, "}", member)
     try:
         return _JSON.raw_decode(text, i)
+    except ReplSyntaxError:
+        raise
     except ValueError:
         raise ReplSyntaxError(f"cannot read a value at column {i + 1}: {text[i:]!r}") from None
 
@@ -846,6 +898,199 @@ def log_(source: str, start: int, end: int | None, as_json: bool) -> None:
             click.echo(raw.decode("utf-8"))
     else:
         _print_table(view)
+
+
+# -- verify, evidence, receipt -------------------------------------------------
+
+EXIT_COULD_NOT_AUDIT = 2
+
+
+class CouldNotAudit(CLIError):
+    """The audit could not run: unreachable, not a libvms server, bad arguments."""
+
+    exit_code = EXIT_COULD_NOT_AUDIT
+
+
+_PHASES = {"fetch": "Fetching and verifying ledgers", "replay": "Replaying calls"}
+
+
+def _print_report(report: AuditReport) -> None:
+    click.echo(report.verdict)
+    for problem in report.problems[1:]:
+        click.echo(f"  also ({problem.kind}): {problem.message}")
+    for warning in report.warnings:
+        click.echo(f"  warning: {warning}")
+    if report.oracle_entries:
+        shown = ", ".join(str(i) for i in report.oracle_entries[:20])
+        more = " ..." if len(report.oracle_entries) > 20 else ""
+        click.echo(
+            f"  note: {len(report.oracle_entries)} entries depend on oracle results, which "
+            f"replay takes from the log as trusted inputs: {shown}{more}"
+        )
+
+
+async def _verify(
+    url: str,
+    state_dir: Path | None,
+    pin_key: str | None,
+    follow: bool,
+    quiet: bool,
+) -> AuditReport:
+    try:
+        _check_vm_url(url)
+    except CLIError as exc:
+        raise CouldNotAudit(exc.message) from None
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=quiet or not console.is_terminal,
+    ) as progress:
+        tasks: dict[str, TaskID] = {}
+
+        def tick(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = progress.add_task(_PHASES.get(phase, phase), total=total)
+            progress.update(tasks[phase], completed=done, total=total)
+
+        auditor = Auditor(url, state_dir=state_dir, pin_key=pin_key, progress=tick)
+        try:
+            report = await auditor.run()
+        except BaseException:
+            await auditor.close()
+            raise
+    if not follow or not report.ok:
+        await auditor.close()
+        return report
+    if not quiet:
+        _print_report(report)
+
+    def batch(report: AuditReport, added: int) -> None:
+        if not quiet:
+            checkpoint = report.checkpoint or {}
+            click.echo(
+                f"Verified {added} new entries: {report.entries - 1} calls up to checkpoint "
+                f"{checkpoint.get('size')}/{str(checkpoint.get('root'))[:12]}"
+            )
+
+    try:
+        return await auditor.follow(batch)
+    finally:
+        await auditor.close()
+
+
+@main.command()
+@click.argument("url")
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where pinned keys and verified checkpoints are kept.  [default: per-user data dir]",
+)
+@click.option(
+    "--key",
+    "pin_key",
+    metavar="VKEY",
+    help="The call log's verifier key (name+id+key) to require instead of trust on first use.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--follow", is_flag=True, help="Stay on as a live monitor of new calls.")
+@click.option(
+    "--evidence",
+    "evidence_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="When the host is caught, write self-contained evidence to this file.",
+)
+def verify(
+    url: str,
+    state_dir: Path | None,
+    pin_key: str | None,
+    as_json: bool,
+    follow: bool,
+    evidence_file: Path | None,
+) -> None:
+    """Audit the VM at URL: fetch both ledgers, verify them, replay every call, compare.
+
+    Exits 0 when verified, 1 when verification failed (tampering, a fork, a
+    mismatch), 2 when the audit could not run (unreachable, not a libvms
+    server, bad arguments). With --follow it keeps verifying new calls and
+    exits 1 at the first problem.
+    """
+    try:
+        report = _run(_verify(url, state_dir, pin_key, follow, as_json), error=CouldNotAudit)
+    except KeyboardInterrupt:
+        sys.exit(0)
+    if as_json:
+        click.echo(report.to_json())
+    else:
+        _print_report(report)
+    if evidence_file is not None and report.evidence is not None:
+        with expected_errors(CouldNotAudit):
+            evidence_file.write_text(report.evidence.to_json())
+        click.echo(f"Evidence written to {evidence_file} (check it with: libvms evidence check)")
+    sys.exit(0 if report.ok else EXIT_FAILURE)
+
+
+@main.group()
+def evidence() -> None:
+    """Check evidence files written by `libvms verify --evidence`."""
+
+
+@evidence.command("check")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def evidence_check(file: Path) -> None:
+    """Verify an evidence FILE offline and print what it proves.
+
+    Exits 0 when it proves the host misbehaved, 1 when it proves nothing, and
+    2 when the file itself is unreadable or does not verify.
+    """
+
+    async def run() -> Finding:
+        return await check_evidence(Evidence.from_json(file.read_bytes()))
+
+    finding = _run(run(), error=CouldNotAudit)
+    click.echo(("PROVEN: " if finding.proven else "not proven: ") + finding.statement)
+    sys.exit(0 if finding.proven else EXIT_FAILURE)
+
+
+@main.group()
+def receipt() -> None:
+    """Check receipts kept from signed calls (`libvms call --save-receipt`)."""
+
+
+@receipt.command("check")
+@click.argument("receipt_file", metavar="RECEIPT", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("url")
+@click.option(
+    "--evidence",
+    "evidence_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="When the entry is gone or changed, write fork evidence to this file.",
+)
+def receipt_check(receipt_file: Path, url: str, evidence_file: Path | None) -> None:
+    """Check that the call a RECEIPT proves is still, unchanged, in the VM's log at URL.
+
+    Exits 0 when it is, 1 when the log no longer holds it, 2 when the check
+    could not run (unreadable receipt, unreachable VM).
+    """
+
+    async def run() -> ReceiptCheck:
+        try:
+            fields = json.loads(receipt_file.read_text())
+        except ValueError as exc:
+            raise LibVMSError(f"{receipt_file} is not a receipt file: {exc}") from exc
+        return await check_receipt(CallReceipt.from_wire(fields), url)
+
+    result = _run(run(), error=CouldNotAudit)
+    click.echo(("OK: " if result.ok else "FAILED: ") + result.message)
+    if evidence_file is not None and result.evidence is not None:
+        with expected_errors(CouldNotAudit):
+            evidence_file.write_text(result.evidence.to_json())
+        click.echo(f"Evidence written to {evidence_file}")
+    sys.exit(0 if result.ok else EXIT_FAILURE)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,13 @@ from .archive import FilesArchive
 from .checkpoint import open_checkpoint
 from .errors import TamperError, VerificationError
 from .evidence import Evidence, fork_evidence, key_of, replay_evidence
+from .keys import ledger_url
+from .ledger import Ledger
 from .log import CallLog
 from .remote import fetch_call_log, fetch_files_archive, refresh
 from .rpc.client import RPCClient
 from .rpc.protocol import BackendInfo
-from .signed import CallReceipt, verify_call_entry
+from .signed import DEFAULT_WINDOW_MS, CallReceipt, verify_call_entry
 from .vm import BackendVM, ReplayStats, compare_entry
 
 
@@ -145,7 +147,13 @@ PROBLEM_KINDS = (
 
 @dataclass
 class Problem:
-    """One thing an audit found wrong: its kind and exactly where."""
+    """One thing an audit found wrong: its kind and exactly where.
+
+    ``expected``/``found``: for ``replay-mismatch`` the logged and the replayed
+    value; for ``archive-mismatch`` what the logged calls produce and what the
+    host serves; for ``fork``, ``rollback`` and ``key-changed`` what was
+    verified or pinned before and what is served now.
+    """
 
     kind: str
     message: str
@@ -207,6 +215,15 @@ class AuditReport:
         return json.dumps(obj, indent=2, default=repr)
 
 
+def _archive_message(exc: VerificationError) -> str:
+    if exc.path is not None:
+        return (
+            f"the files archive is not what the logged calls produced: at {exc.path} the "
+            f"host serves {exc.expected}, the calls produce {exc.found}"
+        )
+    return f"the files archive is not what the logged calls produced: {exc}"
+
+
 def default_state_dir() -> Path:
     """Where an auditor remembers pinned keys and the last checkpoints it verified."""
     return Path(platformdirs.user_data_dir("libvms")) / "audits"
@@ -255,6 +272,11 @@ class _AuditState:
 
 Progress = Callable[[str, int, int], None]
 
+#: Largest gap accepted between a signed request's time and its entry's timestamp:
+#: the host's signature window plus as much again for the time a call waits in
+#: the queue.
+SIGNATURE_SKEW_MS = 2 * DEFAULT_WINDOW_MS
+
 
 class Auditor:
     """The audit workflow, readable top to bottom; kept alive by ``--follow``.
@@ -288,6 +310,7 @@ class Auditor:
         self.report = AuditReport(url)
         self._stats = ReplayStats()
         self._nonces: dict[tuple[str, str], int] = {}
+        self._last_timestamp = 0
 
     def _tick(self, phase: str, done: int, total: int) -> None:
         if self.progress is not None:
@@ -364,7 +387,7 @@ class Auditor:
         return True
 
     def _check_history(self) -> bool:
-        """Compare the fetched log with the last checkpoint this auditor verified."""
+        """Compare the fetched ledgers with the last checkpoints this auditor verified."""
         assert self.log is not None and self.archive is not None
         report = self.report
         for which, ledger in (("log", self.log.ledger), ("files", self.archive.ledger)):
@@ -377,40 +400,46 @@ class Auditor:
             else:
                 report.files_checkpoint = summary
             previous = self.state.last_checkpoint(ledger.verifier.to_text(), which)
-            if previous is None:
-                continue
-            try:
-                before = open_checkpoint(previous, ledger.verifier)
-            except TamperError:
-                report.warnings.append(f"ignored an unreadable saved {which} checkpoint")
-                continue
-            name = "call log" if which == "log" else "files archive"
-            if before.size > checkpoint.size:
-                report.problems.append(
-                    Problem(
-                        "rollback",
-                        f"the {name} has {checkpoint.size} entries but this auditor verified "
-                        f"a signed checkpoint of {before.size} before",
-                        field="size",
-                        expected=before.size,
-                        found=checkpoint.size,
-                    )
-                )
-            elif ledger.tree.root(before.size) != before.root_hash:
-                report.problems.append(
-                    Problem(
-                        "fork",
-                        f"the {name} rewrote its history: its first {before.size} entries no "
-                        "longer match the checkpoint this auditor verified before",
-                        field="root",
-                        expected=before.root_hash.hex(),
-                        found=ledger.tree.root(before.size).hex(),
-                    )
-                )
-                report.evidence = fork_evidence(
-                    previous, note, ledger.tree, summary=report.problems[-1].message
-                )
+            if previous is not None:
+                self._compare_with(previous, ledger, which)
         return not report.problems
+
+    def _compare_with(self, previous: str, ledger: Ledger, which: str) -> None:
+        """Report a rollback or fork of ``ledger`` against a checkpoint verified before."""
+        report = self.report
+        try:
+            before = open_checkpoint(previous, ledger.verifier)
+        except TamperError:
+            report.warnings.append(f"ignored an unreadable saved {which} checkpoint")
+            return
+        name = "call log" if which == "log" else "files archive"
+        size = ledger.tree.size
+        if before.size > size:
+            report.problems.append(
+                Problem(
+                    "rollback",
+                    f"the {name} has {size} entries but this auditor verified a signed "
+                    f"checkpoint of {before.size} before",
+                    field="size",
+                    expected=before.size,
+                    found=size,
+                )
+            )
+        elif ledger.tree.root(before.size) != before.root_hash:
+            message = (
+                f"the {name} rewrote its history: its first {before.size} entries no longer "
+                "match the checkpoint this auditor verified before"
+            )
+            report.problems.append(
+                Problem(
+                    "fork",
+                    message,
+                    field="root",
+                    expected=before.root_hash.hex(),
+                    found=ledger.tree.root(before.size).hex(),
+                )
+            )
+            report.evidence = fork_evidence(previous, ledger.checkpoint_text, ledger.tree, message)
 
     def _verify_signatures(self, start: int) -> None:
         assert self.log is not None
@@ -418,25 +447,51 @@ class Auditor:
         for seq in range(start, ledger.length):
             entry = encoding.parse(ledger.raw(seq))
             try:
-                signed = verify_call_entry(entry, ledger.public_key, index=seq)
+                # A host accepts a signed request only within the signature window
+                # of its time; one logged later was held back or replayed.
+                signed = verify_call_entry(
+                    entry, ledger.public_key, index=seq, max_skew_ms=SIGNATURE_SKEW_MS
+                )
             except TamperError as exc:
                 self.report.problems.append(Problem("signature", str(exc), index=seq))
                 return
-            if signed is None:
-                continue
-            key = (entry["call"]["userId"], signed.nonce)
-            first = self._nonces.setdefault(key, seq)
-            if first != seq:
-                self.report.problems.append(
-                    Problem(
-                        "signature",
-                        f"entries {first} and {seq} hold the same signed request (a replay)",
-                        index=seq,
-                        field="call.signed.nonce",
-                        found=signed.nonce,
+            if signed is not None:
+                key = (entry["call"]["userId"], signed.nonce)
+                first = self._nonces.setdefault(key, seq)
+                if first != seq:
+                    self.report.problems.append(
+                        Problem(
+                            "signature",
+                            f"entries {first} and {seq} hold the same signed request (a replay)",
+                            index=seq,
+                            field="call.signed.nonce",
+                            found=signed.nonce,
+                        )
                     )
-                )
+                    return
+            if not self._check_order(seq, entry):
                 return
+
+    def _check_order(self, seq: int, entry: Any) -> bool:
+        """Timestamps never decrease along the log; a host that reorders calls breaks that."""
+        call = entry.get("call") if seq else entry
+        timestamp = call.get("timestamp") if isinstance(call, dict) else None
+        if type(timestamp) is not int:
+            return True
+        if timestamp < self._last_timestamp:
+            self.report.problems.append(
+                Problem(
+                    "replay-mismatch",
+                    f"entry {seq} is timestamped before the entry preceding it",
+                    index=seq,
+                    field="call.timestamp",
+                    expected=self._last_timestamp,
+                    found=timestamp,
+                )
+            )
+            return False
+        self._last_timestamp = timestamp
+        return True
 
     async def _replay(self) -> None:
         assert self.log is not None and self.info is not None
@@ -489,7 +544,7 @@ class Auditor:
             self.report.problems.append(
                 Problem(
                     "archive-mismatch",
-                    f"the files archive is not what the logged calls produced: {exc}",
+                    _archive_message(exc),
                     path=exc.path,
                     field=exc.field,
                     expected=exc.found,
@@ -498,17 +553,25 @@ class Auditor:
             )
 
     async def _catch_up(self) -> int:
-        """Fetch what both ledgers gained since, verify it and replay it; returns new entries."""
+        """Fetch what both ledgers gained since, verify it and replay it.
+
+        Returns how many entries the two ledgers gained together. A new
+        checkpoint that does not extend the one held is examined with a fresh
+        download: a fork or rollback with evidence if the host signed it, a
+        ``tamper`` problem if the data does not verify at all.
+        """
         assert self.log is not None and self.archive is not None and self.replay is not None
-        try:
-            added = await refresh(self.log)
-            await refresh(self.archive)
-        except TamperError as exc:
-            self.report.problems.append(Problem("fork", f"new checkpoint does not verify: {exc}"))
-            return 0
-        if added:
-            start = self.replay.call_log.length
-            self._verify_signatures(start)
+        added = 0
+        for which in ("log", "files"):
+            copy: CallLog | FilesArchive = self.log if which == "log" else self.archive
+            try:
+                added += await refresh(copy)
+            except TamperError as exc:
+                await self._examine_divergence(copy, which, exc)
+                return added
+        new_calls = self.log.length - self.replay.call_log.length
+        if new_calls:
+            self._verify_signatures(self.replay.call_log.length)
             if self.report.problems:
                 return added
             try:
@@ -516,6 +579,29 @@ class Auditor:
             except VerificationError as exc:
                 self._replay_problem(exc)
         return added
+
+    async def _examine_divergence(
+        self, copy: CallLog | FilesArchive, which: str, error: TamperError
+    ) -> None:
+        held = copy.ledger.checkpoint_text
+        location = copy.location
+        assert location is not None
+        url = ledger_url(copy.ledger.public_key, location)
+        try:
+            fresh: CallLog | FilesArchive = await (
+                fetch_call_log(url) if which == "log" else fetch_files_archive(url)
+            )
+        except TamperError as exc:
+            self.report.problems.append(Problem("tamper", f"fetched data does not verify: {exc}"))
+            return
+        try:
+            self._compare_with(held, fresh.ledger, which)
+        finally:
+            await fresh.close()
+        if not self.report.problems:
+            self.report.problems.append(
+                Problem("tamper", f"the new checkpoint could not be verified: {error}")
+            )
 
     def _finish(self) -> None:
         assert self.log is not None and self.archive is not None

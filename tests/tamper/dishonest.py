@@ -326,4 +326,3 @@ def _drop(request: web.Request) -> None:
     transport = request.transport
     assert transport is not None
     transport.abort()
-

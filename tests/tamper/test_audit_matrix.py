@@ -83,6 +83,18 @@ async def test_honest_host_passes_with_no_false_alarm(host, tmp_path):
     assert again.ok, again.to_json()
 
 
+async def test_resigning_unchanged_entries_reproduces_the_hosts_own_checkpoint(host, tmp_path):
+    # The tooling writes exactly what the ledger writes (Ed25519 is deterministic).
+    await debug_calls(host, ("add", 1), ("note", "/a", "x"))
+    assert host.vm is not None
+    log_note = await host.vm.call_log.checkpoint()
+    files_note = await host.vm.files_archive.checkpoint()
+    assert await host.rewrite(lambda entries: entries) == log_note
+    assert await host.rewrite(lambda entries: entries, ledger="files_archive") == files_note
+    report = await audit(host, tmp_path)
+    assert report.ok, report.to_json()
+
+
 # -- 1. a logged result changed ----------------------------------------------------
 
 
@@ -130,9 +142,31 @@ async def test_new_file_outside_any_call_is_an_archive_mismatch(host, tmp_path):
     assert problem.expected == "absent"
 
 
-async def test_archive_write_dropped_from_the_archive_ledger_is_an_archive_mismatch(
-    host, tmp_path
-):
+async def test_file_written_between_calls_is_a_replay_mismatch_of_the_next_call(host, tmp_path):
+    await debug_calls(host, ("note", "/a", "x"))
+    assert host.vm is not None
+    await host.vm.files_archive.write_file("/planted", "evil")
+    await debug_calls(host, ("add", 1))
+    report = await audit(host, tmp_path)
+    problem = only_problem(report)
+    # The next call logged the archive state it saw, which no logged call produced.
+    assert problem.kind == "replay-mismatch"
+    assert problem.index == 2
+    assert problem.field == "result.filesRoot"
+    assert (await check(Evidence.from_json(report.evidence.to_json()))).proven
+
+
+async def test_same_content_written_outside_any_call_is_an_archive_mismatch(host, tmp_path):
+    await debug_calls(host, ("note", "/file", "same"))
+    assert host.vm is not None
+    await host.vm.files_archive.write_file("/file", "same")
+    problem = only_problem(await audit(host, tmp_path))
+    # The files are what the calls produced, but not their history.
+    assert problem.kind == "archive-mismatch"
+    assert (problem.field, problem.expected, problem.found) == ("version", 2, 3)
+
+
+async def test_archive_write_dropped_from_its_ledger_is_an_archive_mismatch(host, tmp_path):
     await debug_calls(host, ("note", "/a", "x"), ("note", "/b", "y"))
     await host.rewrite(lambda entries: entries[:-1], ledger="files_archive")
     problem = only_problem(await audit(host, tmp_path))
@@ -163,9 +197,11 @@ async def test_reordered_calls_are_a_replay_mismatch(host, tmp_path):
 
     await host.rewrite(swap)
     problem = only_problem(await audit(host, tmp_path))
+    # Timestamps never decrease along an honest log: the swap shows before any replay.
     assert problem.kind == "replay-mismatch"
-    assert problem.index == 2
-    assert (problem.field, problem.expected, problem.found) == ("result.res", 111, 101)
+    assert problem.index == 3
+    assert problem.field == "call.timestamp"
+    assert problem.found < problem.expected
 
 
 async def test_call_logged_for_a_signed_user_without_signature_is_a_signature_problem(
@@ -321,6 +357,21 @@ async def test_replaced_oracle_result_passes_and_is_listed(host, tmp_path):
     assert report.oracle_entries == [2, 4]
 
 
+async def test_oracle_record_the_script_did_not_ask_for_is_a_replay_mismatch(host, tmp_path):
+    await debug_calls(host, ("quote", "ACME"), ("add", 1))
+
+    def edit(entries):
+        entries[1]["result"]["oracles"][0]["args"] = ["INITECH"]
+        return entries
+
+    await host.rewrite(edit)
+    problem = only_problem(await audit(host, tmp_path))
+    # Replay hands out recorded results only for the exact question the script asks.
+    assert problem.kind == "replay-mismatch"
+    assert problem.index == 1
+    assert problem.field == "result.oracles[0]"
+
+
 # -- what the audit cannot see, by design -----------------------------------------
 
 
@@ -351,7 +402,7 @@ async def test_call_marked_aborted_by_the_host_passes_and_is_listed(host, tmp_pa
     assert report.aborted_entries == [2]
 
 
-async def test_entries_after_a_rewrite_are_still_replayed(host, tmp_path):
+async def test_lie_stays_caught_while_the_host_keeps_serving(host, tmp_path):
     await debug_calls(host, ("add", 1), ("add", 2))
 
     def edit(entries):

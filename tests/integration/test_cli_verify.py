@@ -1,0 +1,113 @@
+"""`libvms verify`, `evidence check` and `receipt check`, run as real processes."""
+
+import asyncio
+import json
+import socket
+import sys
+
+import pytest
+
+from libvms.keys import Keypair
+from libvms.rpc import RPCClient
+
+from ..tamper.dishonest import DishonestHost
+
+SCRIPT = """
+let total = 0
+exports.add = (n) => (total += n)
+"""
+
+
+async def libvms(*args, cwd=None):
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "libvms.cli",
+        *map(str, args),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=cwd,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.fixture
+async def host(tmp_path):
+    host = DishonestHost(tmp_path / "vm", SCRIPT)
+    await host.start()
+    async with RPCClient(host.url(), user="alice") as client:
+        for n in (1, 2, 3):
+            await client.add(n)
+    yield host
+    await host.close()
+
+
+async def test_verify_honest_then_caught_with_evidence(host, tmp_path):
+    state = tmp_path / "state"
+    code, out, err = await libvms("verify", host.url(), "--state-dir", state)
+    assert code == 0, err
+    assert out.startswith("Verified 3 calls up to checkpoint 4/")
+    code, out, _ = await libvms("verify", host.url(), "--state-dir", state, "--json")
+    assert code == 0 and json.loads(out)["ok"] is True
+
+    def change(entries):
+        entries[2]["result"]["res"] = 99
+        return entries
+
+    await host.rewrite(change)
+    evidence = tmp_path / "evidence.json"
+    code, out, err = await libvms(
+        "verify", host.url(), "--state-dir", state, "--evidence", evidence
+    )
+    assert code == 1, err
+    assert out.startswith("FAILED (fork)")
+    assert "Traceback" not in err
+    code, out, _ = await libvms("evidence", "check", evidence)
+    assert code == 0
+    assert out.startswith("PROVEN: ")
+
+    fresh = tmp_path / "fresh-state"
+    code, out, _ = await libvms("verify", host.url(), "--state-dir", fresh, "--evidence", evidence)
+    assert code == 1 and out.startswith("FAILED (replay-mismatch)")
+    code, out, _ = await libvms("evidence", "check", evidence)
+    assert code == 0 and "replays it differently" in out
+
+
+async def test_verify_could_not_audit_exits_2(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code, out, err = await libvms("verify", f"ws://127.0.0.1:{port}/", "--state-dir", tmp_path)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    code, _, err = await libvms("verify", "not-a-url", "--state-dir", tmp_path)
+    assert code == 2 and "Traceback" not in err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    code, _, err = await libvms("evidence", "check", bad)
+    assert code == 2 and err.startswith("error: ")
+
+
+async def test_receipt_check(host, tmp_path):
+    key_file = tmp_path / "alice.key"
+    Keypair.generate().save(key_file)
+    receipt = tmp_path / "receipt.json"
+    code, out, err = await libvms(
+        "call", host.url(), "add", "10", "--key", key_file, "--save-receipt", receipt
+    )
+    assert (code, out.strip()) == (0, "16"), err
+    code, out, _ = await libvms("receipt", "check", receipt, host.url())
+    assert code == 0 and out.startswith("OK: entry 4")
+
+    def drop_signed_call(entries):
+        return entries[:4]
+
+    await host.rewrite(drop_signed_call)
+    async with RPCClient(host.url(), user="bob") as client:
+        await client.add(1)  # the log grows back past the receipt's size, without the entry
+    evidence = tmp_path / "fork.json"
+    code, out, _ = await libvms("receipt", "check", receipt, host.url(), "--evidence", evidence)
+    assert code == 1 and out.startswith("FAILED: ")
+    code, out, _ = await libvms("evidence", "check", evidence)
+    assert code == 0 and out.startswith("PROVEN: ")

@@ -1,0 +1,94 @@
+"""A live auditor (``--follow``) against a host that cheats after the first audit."""
+
+import asyncio
+
+import pytest
+
+from libvms.evidence import Evidence, check
+from libvms.keys import Keypair
+from libvms.rpc import RPCClient
+from libvms.signed import DEFAULT_WINDOW_MS
+from libvms.verifier import Auditor
+
+from .dishonest import DishonestHost
+from .test_audit_matrix import SCRIPT, audit, debug_calls, only_problem, price
+
+
+@pytest.fixture
+async def host(tmp_path):
+    host = DishonestHost(tmp_path / "vm", SCRIPT, oracles={"price": price})
+    await host.start()
+    yield host
+    await host.close()
+
+
+async def start_follower(host, tmp_path):
+    auditor = Auditor(host.url(), state_dir=tmp_path / "follower")
+    report = await auditor.run()
+    assert report.ok, report.problems
+    batches: asyncio.Queue[int] = asyncio.Queue()
+    task = asyncio.ensure_future(auditor.follow(lambda _report, added: batches.put_nowait(added)))
+    return auditor, task, batches
+
+
+async def test_follower_verifies_each_new_batch(host, tmp_path):
+    await debug_calls(host, ("add", 1))
+    auditor, task, batches = await start_follower(host, tmp_path)
+    await debug_calls(host, ("add", 2), ("note", "/a", "x"))
+    added = 0
+    while added < 3:  # two log entries and one archive entry, in one or more batches
+        added += await asyncio.wait_for(batches.get(), 10)
+    assert auditor.report.ok
+    assert auditor.report.entries == 4
+    task.cancel()
+    await auditor.close()
+
+
+async def test_follower_catches_a_rewrite_with_evidence(host, tmp_path):
+    await debug_calls(host, ("add", 1), ("add", 2))
+    auditor, task, _batches = await start_follower(host, tmp_path)
+
+    def change_result(entries):
+        entries[1]["result"]["res"] = 1000
+        return entries
+
+    await host.rewrite(change_result)
+    report = await asyncio.wait_for(task, 10)
+    problem = only_problem(report)
+    assert problem.kind == "fork"
+    finding = await check(Evidence.from_json(report.evidence.to_json()))
+    assert finding.proven
+    await auditor.close()
+
+
+async def test_follower_catches_a_truncation_as_rollback(host, tmp_path):
+    await debug_calls(host, ("add", 1), ("add", 2))
+    auditor, task, _batches = await start_follower(host, tmp_path)
+    await host.rewrite(lambda entries: entries[:2])
+    report = await asyncio.wait_for(task, 10)
+    assert only_problem(report).kind == "rollback"
+    await auditor.close()
+
+
+async def test_follower_catches_a_file_written_outside_any_call(host, tmp_path):
+    await debug_calls(host, ("note", "/file", "honest"))
+    auditor, task, _batches = await start_follower(host, tmp_path)
+    await host.vm.files_archive.write_file("/file", "evil")
+    report = await asyncio.wait_for(task, 10)
+    problem = only_problem(report)
+    assert (problem.kind, problem.path) == ("archive-mismatch", "/file")
+    await auditor.close()
+
+
+async def test_signed_request_logged_long_after_it_was_signed_is_caught(host, tmp_path):
+    key = Keypair.generate()
+    async with RPCClient(host.url(), key=key) as client:
+        await client.add(5)
+
+    def delay(entries):
+        entries[1]["call"]["timestamp"] += 3 * DEFAULT_WINDOW_MS
+        return entries
+
+    await host.rewrite(delay)
+    problem = only_problem(await audit(host, tmp_path))
+    assert (problem.kind, problem.index) == ("signature", 1)
