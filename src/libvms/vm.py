@@ -18,13 +18,13 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import encoding, merkle
-from .archive import ArchiveTransaction, FilesArchive, normalize_path
+from .archive import ArchiveTransaction, FilesArchive
 from .errors import (
     ArchiveError,
     EncodingError,
@@ -365,16 +365,12 @@ class BackendVM:
         self._load(runtime, int(init.get("timestamp", 0)))
         scratch = await FilesArchive.create(None, self.files_archive.title)
         try:
-            last = 0
-            for seq in range(1, source.length):
-                entry = await source.get(seq)
-                expected = await source.get_raw(seq)
-                produced = await self._replay_entry(
-                    runtime, scratch, entry, seq, source.ledger.tree.root(seq)
-                )
-                compare_entry(seq, expected, produced)
-                scratch.ledger.store.flush_sync()
-                last = max(last, int(entry["call"].get("timestamp", 0)))
+            async for seq, _entry, raw, produced in self._replay_entries(
+                runtime, scratch, source, 1
+            ):
+                compare_entry(seq, raw, produced)
+                if seq % 1000 == 0:
+                    scratch.ledger.store.flush_sync()
             if scratch.state_root != self.files_archive.state_root:
                 raise TamperError(
                     "the files archive does not match what replaying the call log produces"
@@ -384,7 +380,6 @@ class BackendVM:
             raise
         finally:
             await scratch.close()
-        self._last_timestamp = max(self._last_timestamp, last)
         self._runtime = runtime
         return runtime
 
@@ -498,6 +493,22 @@ class BackendVM:
         if outcome.error is not None:
             return CallResult(seq, None, VMCallError(*outcome.error))
         return CallResult(seq, outcome.value if outcome.has_value else None, None)
+
+    async def _replay_entries(
+        self, runtime: JSRuntime, archive: FilesArchive, source: CallLog, start: int
+    ) -> AsyncIterator[tuple[int, Any, bytes, dict[str, Any]]]:
+        """Replay ``source``'s entries from ``start`` on; yields (seq, entry, logged, produced)."""
+        total = source.length
+        for base in range(start, total, 1000):
+            raws = source.ledger.raw_range(base, min(total, base + 1000))
+            for offset, raw in enumerate(raws):
+                seq = base + offset
+                entry = encoding.parse_verified(raw)
+                produced = await self._replay_entry(
+                    runtime, archive, entry, seq, source.ledger.tree.root(seq)
+                )
+                self._last_timestamp = max(self._last_timestamp, int(entry["call"]["timestamp"]))
+                yield seq, entry, raw, produced
 
     async def _replay_entry(
         self,
@@ -633,28 +644,22 @@ class BackendVM:
             raise LibVMSError("this VM is not a replay in progress")
         stats = stats if stats is not None else ReplayStats()
         first, total = log.length, call_log.length
-        chunk = 1000
-        for base in range(first, total, chunk):
-            raws = call_log.ledger.raw_range(base, min(total, base + chunk))
-            for offset, raw in enumerate(raws):
-                seq = base + offset
-                entry = encoding.parse_verified(raw)
-                produced = await self._replay_entry(
-                    runtime, archive, entry, seq, call_log.ledger.tree.root(seq)
-                )
-                if check:
-                    log.stage_canonical(compare_entry(seq, raw, produced))
-                else:
-                    log.stage(produced)
-                result = entry.get("result", {})
-                if result.get("oracles"):
-                    stats.oracle_entries.append(seq)
-                if result.get("aborted"):
-                    stats.aborted_entries.append(seq)
-                self._last_timestamp = max(self._last_timestamp, int(entry["call"]["timestamp"]))
-            await store.flush()
-            if progress is not None:
-                progress(base + len(raws), total)
+        async for seq, entry, raw, produced in self._replay_entries(
+            runtime, archive, call_log, first
+        ):
+            if check:
+                log.stage_canonical(compare_entry(seq, raw, produced))
+            else:
+                log.stage(produced)
+            result = entry["result"]
+            if result.get("oracles"):
+                stats.oracle_entries.append(seq)
+            if result.get("aborted"):
+                stats.aborted_entries.append(seq)
+            if seq % 1000 == 999 or seq == total - 1:
+                await store.flush()
+                if progress is not None:
+                    progress(seq + 1, total)
         stats.entries = log.length
         return total - first
 
@@ -764,6 +769,5 @@ __all__ = [
     "CallResult",
     "ReplayStats",
     "derive_seed",
-    "normalize_path",
     "runtime_info",
 ]
