@@ -281,9 +281,10 @@ class Ledger:
         except BaseException:
             self.tree.truncate(base)
             raise
-        self.tree.truncate(base)
-        for data in entries:
-            self._stage_raw(data)
+        # The tree already holds the verified leaves: stage the rows without re-hashing.
+        rows = [(base + i, data, self.tree.leaf(base + i)) for i, data in enumerate(entries)]
+        self.store.stage_many(f"INSERT INTO {self._table} (seq, data, leaf) VALUES (?, ?, ?)", rows)
+        self._staged.update((seq, data) for seq, data, _leaf in rows)
         self._checkpoint_text = checkpoint_text
         self._signed_size = checkpoint.size
         self.store.stage(

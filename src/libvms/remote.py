@@ -53,7 +53,7 @@ MAX_ENTRIES_BODY = protocol.MAX_PAGE_BYTES + encoding.MAX_ENTRY_BYTES + 1
 #: Blobs fetched at once.
 BLOB_CONCURRENCY = 8
 
-_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=60.0)
+HTTP_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=60.0)
 
 
 def _split_url(url: str) -> tuple[str, bytes]:
@@ -68,7 +68,7 @@ async def _session(given: aiohttp.ClientSession | None) -> AsyncIterator[aiohttp
     if given is not None:
         yield given
         return
-    async with aiohttp.ClientSession(timeout=_TIMEOUT) as session:
+    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as session:
         yield session
 
 

@@ -181,7 +181,9 @@ class Store:
             waiters, self._waiters = self._waiters, []
             batch = self._take_batch()
             try:
-                if batch:
+                if batch and self.path is None:
+                    self._commit(batch)  # memory: nothing to wait for, no thread needed
+                elif batch:
                     await loop.run_in_executor(self._executor, self._commit, batch)
             except BaseException as exc:
                 self._failed = exc

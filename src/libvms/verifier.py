@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import platformdirs
 
 from . import encoding
@@ -27,7 +28,7 @@ from .evidence import Evidence, fork_evidence, key_of, replay_evidence
 from .keys import ledger_url
 from .ledger import Ledger
 from .log import CallLog
-from .remote import fetch_call_log, fetch_files_archive, refresh
+from .remote import HTTP_TIMEOUT, fetch_call_log, fetch_files_archive, refresh
 from .rpc.client import RPCClient
 from .rpc.protocol import BackendInfo
 from .signed import DEFAULT_WINDOW_MS, CallReceipt, verify_call_entry
@@ -311,6 +312,13 @@ class Auditor:
         self._stats = ReplayStats()
         self._nonces: dict[tuple[str, str], int] = {}
         self._last_timestamp = 0
+        self._http: aiohttp.ClientSession | None = None
+
+    def _session(self) -> aiohttp.ClientSession:
+        # One HTTP session for the auditor's life: a follower polls often.
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=HTTP_TIMEOUT)
+        return self._http
 
     def _tick(self, phase: str, done: int, total: int) -> None:
         if self.progress is not None:
@@ -326,9 +334,11 @@ class Auditor:
         phase = time.perf_counter()
         try:
             self._tick("fetch", 0, 2)
-            self.log = await fetch_call_log(info.call_log_url)
+            self.log = await fetch_call_log(info.call_log_url, session=self._session())
             self._tick("fetch", 1, 2)
-            self.archive = await fetch_files_archive(info.files_archive_url)
+            self.archive = await fetch_files_archive(
+                info.files_archive_url, session=self._session()
+            )
             self._tick("fetch", 2, 2)
         except TamperError as exc:
             report.problems.append(Problem("tamper", f"fetched data does not verify: {exc}"))
@@ -444,8 +454,8 @@ class Auditor:
     def _verify_signatures(self, start: int) -> None:
         assert self.log is not None
         ledger = self.log.ledger
-        for seq in range(start, ledger.length):
-            entry = encoding.parse(ledger.raw(seq))
+        for seq, raw in enumerate(ledger.raw_range(start, ledger.length), start):
+            entry = encoding.parse_verified(raw)
             try:
                 # A host accepts a signed request only within the signature window
                 # of its time; one logged later was held back or replayed.
@@ -565,7 +575,7 @@ class Auditor:
         for which in ("log", "files"):
             copy: CallLog | FilesArchive = self.log if which == "log" else self.archive
             try:
-                added += await refresh(copy)
+                added += await refresh(copy, session=self._session())
             except TamperError as exc:
                 await self._examine_divergence(copy, which, exc)
                 return added
@@ -589,7 +599,9 @@ class Auditor:
         url = ledger_url(copy.ledger.public_key, location)
         try:
             fresh: CallLog | FilesArchive = await (
-                fetch_call_log(url) if which == "log" else fetch_files_archive(url)
+                fetch_call_log(url, session=self._session())
+                if which == "log"
+                else fetch_files_archive(url, session=self._session())
             )
         except TamperError as exc:
             self.report.problems.append(Problem("tamper", f"fetched data does not verify: {exc}"))
@@ -647,6 +659,8 @@ class Auditor:
         for item in (self.replay, self.log, self.archive):
             if item is not None:
                 await item.close()
+        if self._http is not None:
+            await self._http.close()
 
 
 @dataclass
