@@ -16,31 +16,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import cProfile
-import os
-import platform
-import pstats
 import random
 import shutil
 import sqlite3
-import sys
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
+from common import ROWS, median_and_range, plural, profiled, record, run_and_report, scratch_dir
 
 from libvms import CallLog, FilesArchive, merkle
 from libvms.checkpoint import open_checkpoint
 from libvms.keys import Keypair, VerifierKey, ledger_url
-
-# Wide enough for the table when the output goes to a file or a pipe.
-console = Console(width=None if sys.stdout.isatty() else 150, log_path=False)
 
 STAGES = ("sequential", "batch", "concurrent", "merkle", "big", "open", "archive")
 METHODS = ("transfer", "deposit", "withdraw", "getBalance", "setProfile", "postMessage")
@@ -86,44 +76,6 @@ QUICK = Sizes(
     archive_writes=1_000,
     archive_sequential=100,
 )
-
-
-@dataclass
-class Row:
-    name: str
-    target: str
-    value: float
-    unit: str
-    ok: bool | None = None  # None: no target
-    note: str = ""
-
-
-ROWS: list[Row] = []
-
-
-def record(
-    name: str,
-    value: float,
-    unit: str,
-    *,
-    target: str = "-",
-    ok: bool | None = None,
-    note: str = "",
-) -> None:
-    ROWS.append(Row(name, target, value, unit, ok, note))
-    console.log(f"{name}: {fmt(value, unit)} {note}".rstrip())
-
-
-def plural(count: int) -> str:
-    return "" if count == 1 else "s"
-
-
-def fmt(value: float, unit: str) -> str:
-    if unit == "s":
-        return f"{value:,.2f} s"
-    if unit == "B":
-        return f"{value:,.1f} B"
-    return f"{value:,.0f} {unit}"
 
 
 # --- realistic entries ----------------------------------------------------------------------
@@ -247,10 +199,7 @@ def rates(count: int, work: Callable[[], object]) -> tuple[float, str]:
         start = time.perf_counter()
         work()
         measured.append(count / (time.perf_counter() - start))
-    measured.sort()
-    return measured[
-        len(measured) // 2
-    ], f"{measured[0]:,.0f}-{measured[-1]:,.0f} over {ROUNDS} runs"
+    return median_and_range(measured)
 
 
 async def async_rates(count: int, work: Callable[[], Awaitable[None]]) -> tuple[float, str]:
@@ -260,10 +209,33 @@ async def async_rates(count: int, work: Callable[[], Awaitable[None]]) -> tuple[
         start = time.perf_counter()
         await work()
         measured.append(count / (time.perf_counter() - start))
-    measured.sort()
-    return measured[
-        len(measured) // 2
-    ], f"{measured[0]:,.0f}-{measured[-1]:,.0f} over {ROUNDS} runs"
+    return median_and_range(measured)
+
+
+def bench_verify(
+    what: str,
+    jobs: list[tuple[int, bytes]],
+    proofs: list[list[bytes]],
+    size: int,
+    root: bytes,
+    note: str,
+) -> None:
+    """Time verifying ``proofs`` of the ``(index, leaf hash)`` ``jobs`` against ``root``."""
+    verify = merkle.verify_inclusion
+
+    def check() -> None:
+        for (i, leaf), proof in zip(jobs, proofs, strict=True):
+            verify(leaf, i, size, proof, root)
+
+    rate, spread = rates(len(jobs), check)
+    record(
+        f"Inclusion proofs verified, {what}",
+        rate,
+        "/s",
+        target=">= 20,000/s",
+        ok=rate >= 20_000,
+        note=f"{note}; {spread}",
+    )
 
 
 def bench_merkle(sizes: Sizes) -> None:
@@ -286,21 +258,7 @@ def bench_merkle(sizes: Sizes) -> None:
 
     rate, spread = rates(len(indices), generate)
     record(f"Inclusion proofs generated, tree of {n:,}", rate, "/s", note=spread)
-    verify = merkle.verify_inclusion
-
-    def check() -> None:
-        for (i, leaf), proof in zip(jobs, proofs, strict=True):
-            verify(leaf, i, n, proof, root)
-
-    rate, spread = rates(len(indices), check)
-    record(
-        f"Inclusion proofs verified, tree of {n:,}",
-        rate,
-        "/s",
-        target=">= 20,000/s",
-        ok=rate >= 20_000,
-        note=f"{len(proofs[0])} hashes per proof; {spread}",
-    )
+    bench_verify(f"tree of {n:,}", jobs, proofs, n, root, f"{len(proofs[0])} hashes per proof")
 
 
 async def build_big_log(root: Path, sizes: Sizes) -> Path:
@@ -377,21 +335,10 @@ async def bench_log_proofs(directory: Path, sizes: Sizes) -> None:
 
         rate, spread = await async_rates(len(indices), generate)
         record(f"Inclusion proofs generated, CallLog of {size:,}", rate, "/s", note=spread)
-        verify = merkle.verify_inclusion
-
-        def check() -> None:
-            for (i, leaf), proof in zip(jobs, proofs, strict=True):
-                verify(leaf, i, size, proof, root)
-
-        rate, spread = rates(len(indices), check)
-        record(
-            f"Inclusion proofs verified, CallLog of {size:,}",
-            rate,
-            "/s",
-            target=">= 20,000/s",
-            ok=rate >= 20_000,
-            note=f"against the signed checkpoint's root; {spread}",
+        bench_verify(
+            f"CallLog of {size:,}", jobs, proofs, size, root, "against the signed checkpoint's root"
         )
+        verify = merkle.verify_inclusion
         count = min(len(indices), 20_000)
         start = time.perf_counter()
         for i in indices[:count]:
@@ -453,73 +400,31 @@ async def bench_archive(root: Path, sizes: Sizes) -> None:
 # --- driver ----------------------------------------------------------------------------------
 
 
-@contextmanager
-def profiled(stage: str, wanted: str | None) -> Iterator[None]:
-    if stage != wanted:
-        yield
-        return
-    profiler = cProfile.Profile()
-    profiler.enable()
-    try:
-        yield
-    finally:
-        profiler.disable()
-        console.rule(f"cProfile: {stage} (top 20 by internal time)")
-        stats = pstats.Stats(profiler, stream=sys.stdout)
-        stats.sort_stats("tottime").print_stats(20)
-
-
-def machine() -> str:
-    cores = os.cpu_count() or 0
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on every platform
-        usable = cores
-    return (
-        f"{platform.system()} {platform.machine()}, {cores} cores ({usable} usable), "
-        f"Python {platform.python_version()} ({platform.python_implementation()}), "
-        f"SQLite {sqlite3.sqlite_version}"
-    )
-
-
-def report(quick: bool, elapsed: float) -> None:
-    table = Table(title="libvms ledger benchmarks" + (" (--quick)" if quick else ""))
-    table.add_column("Measurement")
-    table.add_column("Target")
-    table.add_column("Measured", justify="right")
-    table.add_column("Met", justify="center")
-    table.add_column("Notes")
-    for row in ROWS:
-        met = {True: "[green]yes[/]", False: "[red]NO[/]", None: ""}[row.ok]
-        table.add_row(row.name, row.target, fmt(row.value, row.unit), met, row.note)
-    console.print(table)
-    console.print(f"Machine: {machine()}")
-    console.print(f"Total time: {elapsed:,.0f} s")
+def profiled_stage(stage: str, wanted: str | None) -> AbstractContextManager[None]:
+    """cProfile ``stage`` if it is the one asked for: its top 20 functions by internal time."""
+    return profiled(stage == wanted, stage, top=20, orders=(("tottime", "internal time"),))
 
 
 async def run(sizes: Sizes, profile: str | None) -> None:
-    root = Path(tempfile.mkdtemp(prefix="libvms-bench-"))
-    try:
+    with scratch_dir() as root:
         stages: list[tuple[str, Callable[[], Awaitable[None]]]] = [
             ("sequential", lambda: bench_sequential(root, sizes)),
             ("batch", lambda: bench_batch(root, sizes)),
             ("concurrent", lambda: bench_concurrent(root, sizes)),
         ]
         for stage, bench in stages:
-            with profiled(stage, profile):
+            with profiled_stage(stage, profile):
                 await bench()
-        with profiled("merkle", profile):
+        with profiled_stage("merkle", profile):
             bench_merkle(sizes)
-        with profiled("big", profile):
+        with profiled_stage("big", profile):
             directory = await build_big_log(root, sizes)
-        with profiled("open", profile):
+        with profiled_stage("open", profile):
             await bench_open(directory, sizes)
         await bench_log_proofs(directory, sizes)
         shutil.rmtree(directory)
-        with profiled("archive", profile):
+        with profiled_stage("archive", profile):
             await bench_archive(root, sizes)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def main() -> None:
@@ -528,10 +433,7 @@ def main() -> None:
     parser.add_argument("--profile", choices=STAGES, help="print a cProfile of one stage")
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
-    console.print(f"Machine: {machine()}")
-    start = time.perf_counter()
-    asyncio.run(run(sizes, args.profile))
-    report(args.quick, time.perf_counter() - start)
+    run_and_report("libvms ledger benchmarks", args.quick, run(sizes, args.profile))
 
 
 if __name__ == "__main__":
