@@ -432,6 +432,10 @@ class FilesArchive(_Reader):
         self.location = fetched.location
         self._remote_url = None
 
+    def _tree_with(self, entries: Sequence[bytes]) -> _Tree:
+        """The current tree with fetched ``entries`` applied, leaving the archive as it is."""
+        return _apply_stored(self._tree.copy(), entries, self.version)
+
     def _verify_blobs(self) -> None:
         wanted = {n.hash for n in self._tree.nodes.values() if n.hash is not None}
         for content_hash in wanted:
@@ -599,10 +603,19 @@ def _check_stored_entry(entry: Any) -> None:
 
 
 def _replay(entries: Sequence[Any], upto: int) -> _Tree:
-    tree = _Tree()
-    for index in range(1, upto):
-        entry = entries[index]
+    return _apply_stored(_Tree(), entries[1:upto], 1)
+
+
+def _apply_stored(tree: _Tree, entries: Sequence[Any], first: int) -> _Tree:
+    """Apply signed archive entries (parsed, the first at index ``first``) to ``tree``.
+
+    An entry this code would never have written, or one that does not apply,
+    is a :class:`TamperError` naming its index.
+    """
+    for index, entry in enumerate(entries, first):
         try:
+            if isinstance(entry, bytes):
+                entry = encoding.parse(entry)
             _check_stored_entry(entry)
             tree.apply(entry)
         except (LibVMSError, KeyError, TypeError, ValueError) as exc:

@@ -983,6 +983,14 @@ async def _verify(
         await auditor.close()
 
 
+def _write_evidence(file: Path | None, found: Evidence | None) -> None:
+    if file is None or found is None:
+        return
+    with expected_errors(CouldNotAudit):
+        file.write_text(found.to_json())
+    click.echo(f"Evidence written to {file} (check it with: libvms evidence check)")
+
+
 @main.command()
 @click.argument("url")
 @click.option(
@@ -1027,10 +1035,7 @@ def verify(
         click.echo(report.to_json())
     else:
         _print_report(report)
-    if evidence_file is not None and report.evidence is not None:
-        with expected_errors(CouldNotAudit):
-            evidence_file.write_text(report.evidence.to_json())
-        click.echo(f"Evidence written to {evidence_file} (check it with: libvms evidence check)")
+    _write_evidence(evidence_file, report.evidence)
     sys.exit(0 if report.ok else EXIT_FAILURE)
 
 
@@ -1086,10 +1091,7 @@ def receipt_check(receipt_file: Path, url: str, evidence_file: Path | None) -> N
 
     result = _run(run(), error=CouldNotAudit)
     click.echo(("OK: " if result.ok else "FAILED: ") + result.message)
-    if evidence_file is not None and result.evidence is not None:
-        with expected_errors(CouldNotAudit):
-            evidence_file.write_text(result.evidence.to_json())
-        click.echo(f"Evidence written to {evidence_file}")
+    _write_evidence(evidence_file, result.evidence)
     sys.exit(0 if result.ok else EXIT_FAILURE)
 
 

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
@@ -293,7 +292,7 @@ async def refresh(
         entries, text = fetched
         rows: list[tuple[bytes, bytes]] = []
         if isinstance(ledger_owner, FilesArchive):
-            tree = _applied(ledger_owner, entries)
+            tree = ledger_owner._tree_with(entries)
             ledger.extend_verified(entries, text)
             ledger_owner._tree = tree
             rows = await _fetch_blobs(source, ledger_owner)
@@ -303,21 +302,3 @@ async def refresh(
         store.stage_many("INSERT OR IGNORE INTO blobs (hash, data) VALUES (?, ?)", rows)
     await store.flush()
     return len(entries)
-
-
-def _applied(archive: FilesArchive, entries: list[bytes]) -> Any:
-    """The archive's tree with ``entries`` applied, leaving the archive as it is."""
-    tree = archive._tree.copy()
-    base = archive.version
-    for offset, data in enumerate(entries):
-        try:
-            entry = encoding.parse(data)
-            if not isinstance(entry, dict):
-                raise LibVMSError("not an object")
-            tree.apply(entry)
-        except (LibVMSError, KeyError, TypeError, ValueError) as exc:
-            raise TamperError(
-                f"files archive entry {base + offset} is not a valid mutation: {exc}",
-                where=str(base + offset),
-            ) from exc
-    return tree
