@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 import rfc8785
@@ -28,9 +29,22 @@ MAX_ENTRY_BYTES = 8 * 1024 * 1024
 
 _SAFE_INT = 2**53 - 1
 
-_fast_dumps = json.JSONEncoder(
-    ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False
-).encode
+
+def _make_fast_dumps() -> Callable[[Any], str]:
+    """Sorted, compact ``json`` encoding; the C encoder is built once when there is one.
+
+    No circular-reference markers: :func:`check_value` runs first and bounds nesting.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # pragma: no cover - CPython always has the C encoder
+        return json.JSONEncoder(
+            ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False
+        ).encode
+    encode = make(None, None, json.encoder.encode_basestring, None, ":", ",", True, False, False)
+    return lambda value: "".join(encode(value, 0))
+
+
+_fast_dumps = _make_fast_dumps()
 
 
 def check_value(value: Any, *, max_depth: int = MAX_DEPTH) -> bool:

@@ -54,6 +54,7 @@ class Ledger:
         self.verifier = VerifierKey(self.origin, public_key)
         self.tree = merkle.MerkleTree()
         self._table = f"{name}_entries"
+        self._insert_sql = f"INSERT INTO {self._table} (seq, data, leaf) VALUES (?, ?, ?)"
         self._staged: dict[int, bytes] = {}
         self._signed_size = -1
         self._checkpoint_text: str | None = None
@@ -212,18 +213,21 @@ class Ledger:
         data = encoding.canonical(entry)
         return self._stage_raw(data)
 
-    def stage_canonical(self, data: bytes) -> int:
-        """Stage bytes the caller produced with :func:`encoding.canonical` from an object."""
+    def stage_canonical(self, data: bytes, *, leaf: bytes | None = None) -> int:
+        """Stage bytes the caller produced with :func:`encoding.canonical` from an object.
+
+        ``leaf`` is ``merkle.leaf_hash(data)`` when the caller already has it verified
+        (a replay staging bytes equal to a logged entry's).
+        """
         if self.keypair is None:
             raise LibVMSError(f"this {self.name} is a read-only copy")
-        return self._stage_raw(data)
+        return self._stage_raw(data, leaf)
 
-    def _stage_raw(self, data: bytes) -> int:
+    def _stage_raw(self, data: bytes, leaf: bytes | None = None) -> int:
         seq = self.tree.size
-        leaf = merkle.leaf_hash(data)
-        self.store.stage(
-            f"INSERT INTO {self._table} (seq, data, leaf) VALUES (?, ?, ?)", (seq, data, leaf)
-        )
+        if leaf is None:
+            leaf = merkle.leaf_hash(data)
+        self.store.stage(self._insert_sql, (seq, data, leaf))
         self.tree.append(leaf)
         self._staged[seq] = data
         return seq
@@ -283,7 +287,7 @@ class Ledger:
             raise
         # The tree already holds the verified leaves: stage the rows without re-hashing.
         rows = [(base + i, data, self.tree.leaf(base + i)) for i, data in enumerate(entries)]
-        self.store.stage_many(f"INSERT INTO {self._table} (seq, data, leaf) VALUES (?, ?, ?)", rows)
+        self.store.stage_many(self._insert_sql, rows)
         self._staged.update((seq, data) for seq, data, _leaf in rows)
         self._checkpoint_text = checkpoint_text
         self._signed_size = checkpoint.size

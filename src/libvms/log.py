@@ -273,9 +273,12 @@ class CallLog:
         """Stage an entry without waiting for durability; returns its index."""
         return self._ledger.stage_append(entry)
 
-    def stage_canonical(self, data: bytes) -> int:
-        """Stage an entry already encoded by :func:`encoding.canonical`; returns its index."""
-        return self._ledger.stage_canonical(data)
+    def stage_canonical(self, data: bytes, *, leaf: bytes | None = None) -> int:
+        """Stage an entry already encoded by :func:`encoding.canonical`; returns its index.
+
+        ``leaf`` is its leaf hash when the caller already verified it.
+        """
+        return self._ledger.stage_canonical(data, leaf=leaf)
 
     async def append(self, entry: dict[str, Any]) -> int:
         """Append one JSON object; returns its index once durable."""

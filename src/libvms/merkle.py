@@ -13,7 +13,7 @@ tree, a hash of the wrong length handed to the tree) raises :class:`ValueError`.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from .errors import TamperError
 
@@ -107,11 +107,15 @@ class MerkleTree:
     level 0 is the leaf hashes. Together they take about ``2 * 32 * n`` bytes.
     """
 
-    __slots__ = ("_levels", "_size")
+    __slots__ = ("_frontier", "_levels", "_root", "_size")
 
     def __init__(self) -> None:
         self._levels: list[bytearray] = [bytearray()]
         self._size = 0
+        # The perfect subtrees the whole tree splits into, largest first: the root
+        # of the current size folds them without slicing the levels.
+        self._frontier: list[bytes] = []
+        self._root: bytes | None = EMPTY_ROOT
 
     @classmethod
     def from_leaf_hashes(cls, hashes: Iterable[bytes]) -> MerkleTree:
@@ -141,7 +145,12 @@ class MerkleTree:
             view.release()
             levels.append(level)
             below = level
+        tree._reset_frontier()
         return tree
+
+    def _reset_frontier(self) -> None:
+        self._frontier = self._pieces(0, self._size)
+        self._root = None
 
     @property
     def size(self) -> int:
@@ -152,15 +161,19 @@ class MerkleTree:
         """Add one leaf hash at index :attr:`size`; amortised O(1) hashing."""
         _check_hash(leaf_hash, "leaf hash")
         levels = self._levels
+        frontier = self._frontier
         levels[0] += leaf_hash
+        frontier.append(bytes(leaf_hash))
         self._size += 1
+        self._root = None
         count = self._size
         height = 0
         # A perfect subtree of 2**(height+1) leaves completes whenever the count at a level
-        # becomes even: hash its last two entries into the level above.
+        # becomes even: hash its two halves (the frontier's last two) into the level above.
         while not count & 1:
-            below = levels[height]
-            node = _sha256(_NODE_PREFIX + below[-2 * HASH_SIZE :]).digest()
+            node = _sha256(_NODE_PREFIX + frontier[-2] + frontier[-1]).digest()
+            del frontier[-2:]
+            frontier.append(node)
             height += 1
             if height == len(levels):
                 levels.append(bytearray())
@@ -183,13 +196,43 @@ class MerkleTree:
         for height, level in enumerate(levels):
             del level[(size >> height) * HASH_SIZE :]
         self._size = size
+        self._reset_frontier()
 
     def root(self, size: int | None = None) -> bytes:
         """Root hash MTH of the first ``size`` leaves (default: all), RFC 9162 §2.1.1."""
+        if size is None or size == self._size:
+            if self._root is None:
+                self._root = _fold_right(self._frontier) if self._frontier else EMPTY_ROOT
+            return self._root
         size = self._resolve_size(size)
         if size == 0:
             return EMPTY_ROOT
         return self._range_hash(0, size)
+
+    def prefix_roots(self, start: int, stop: int) -> Iterator[bytes]:
+        """``root(k)`` for each ``k`` in ``[start, stop)``, in order.
+
+        What a replay needs before each entry; cheaper than calling :meth:`root`
+        for each size, since each step reuses the stored subtrees of the last.
+        """
+        self._resolve_size(stop)
+        if not 0 <= start <= stop:
+            raise ValueError(f"start {start} out of range for stop {stop}")
+        levels = self._levels
+        frontier = self._pieces(0, start)
+        for k in range(start, stop):
+            yield _fold_right(frontier) if frontier else EMPTY_ROOT
+            # Add leaf k; each subtree it completes is already stored a level up.
+            offset = k * HASH_SIZE
+            frontier.append(bytes(levels[0][offset : offset + HASH_SIZE]))
+            count = k + 1
+            height = 0
+            while not count & 1:
+                count >>= 1
+                height += 1
+                offset = (count - 1) * HASH_SIZE
+                del frontier[-2:]
+                frontier.append(bytes(levels[height][offset : offset + HASH_SIZE]))
 
     def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]:
         """Audit path PATH(index, D[size]) of RFC 9162 §2.1.3.1, leaf side first."""
@@ -267,15 +310,22 @@ class MerkleTree:
             height = length.bit_length() - 1
             offset = (lo >> height) * HASH_SIZE
             return bytes(levels[height][offset : offset + HASH_SIZE])
-        # Not perfect: MTH splits at the largest power of two below the length, repeatedly,
-        # so the range is its binary decomposition into perfect subtrees, nested to the right.
+        return _fold_right(self._pieces(lo, hi))
+
+    def _pieces(self, lo: int, hi: int) -> list[bytes]:
+        """The perfect subtrees of ``[lo, hi)``, largest first.
+
+        MTH splits at the largest power of two below the length, repeatedly, so a
+        range is its binary decomposition into perfect subtrees, nested to the right.
+        """
+        levels = self._levels
         pieces: list[bytes] = []
         while lo < hi:
             height = (hi - lo).bit_length() - 1
             offset = (lo >> height) * HASH_SIZE
             pieces.append(bytes(levels[height][offset : offset + HASH_SIZE]))
             lo += 1 << height
-        return _fold_right(pieces)
+        return pieces
 
 
 def root_from_inclusion(leaf_hash: bytes, index: int, size: int, proof: Sequence[bytes]) -> bytes:

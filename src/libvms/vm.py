@@ -499,14 +499,13 @@ class BackendVM:
     ) -> AsyncIterator[tuple[int, Any, bytes, dict[str, Any]]]:
         """Replay ``source``'s entries from ``start`` on; yields (seq, entry, logged, produced)."""
         total = source.length
+        roots = source.ledger.tree.prefix_roots(start, total)
         for base in range(start, total, 1000):
             raws = source.ledger.raw_range(base, min(total, base + 1000))
             for offset, raw in enumerate(raws):
                 seq = base + offset
                 entry = encoding.parse_verified(raw)
-                produced = await self._replay_entry(
-                    runtime, archive, entry, seq, source.ledger.tree.root(seq)
-                )
+                produced = await self._replay_entry(runtime, archive, entry, seq, next(roots))
                 self._last_timestamp = max(self._last_timestamp, int(entry["call"]["timestamp"]))
                 yield seq, entry, raw, produced
 
@@ -648,7 +647,9 @@ class BackendVM:
             runtime, archive, call_log, first
         ):
             if check:
-                log.stage_canonical(compare_entry(seq, raw, produced))
+                # Equal bytes: the logged entry's verified leaf hash is this one's too.
+                compare_entry(seq, raw, produced)
+                log.stage_canonical(raw, leaf=call_log.ledger.tree.leaf(seq))
             else:
                 log.stage(produced)
             result = entry["result"]

@@ -141,7 +141,7 @@ class HostError(Exception):
         self.message = message
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CallOutcome:
     """What a call resolved or rejected to."""
 
@@ -458,35 +458,28 @@ class JSRuntime:
         deadline = time.monotonic() + self._call_timeout
         self._busy = True
         try:
-            outcome = await self._run_call(begin_args, host, deadline)
-        except LimitExceeded:
-            self.broken = True
-            raise
+            status = self._enter(_BEGIN, begin_args[0], deadline, *begin_args[1:])
+            first = status[0]
+            if first not in _STATUS_CODES:
+                # Fast path: the call settled synchronously with a value and left
+                # nothing behind; the text is the value's JSON.
+                if not self._drain_jobs(deadline):
+                    return CallOutcome(value=_decode(status), has_value=True)
+                status = self._enter(_POLL, "", deadline)
+            elif first != "X":
+                return await self._run_call(status, host, deadline)
         except BaseException:
-            # A host bug (or a cancellation) in the middle of a call: the script's
-            # state is half-way through, so the runtime cannot be trusted again.
+            # A limit, a host bug or a cancellation in the middle of a call: the
+            # script's state is half-way through, so the runtime cannot be
+            # trusted again.
             self.broken = True
             raise
         finally:
             self._busy = False
-        if outcome is None:
-            raise VMCallError("MethodNotFound", f"the script exports no function named {method!r}")
-        return outcome
+        raise VMCallError("MethodNotFound", f"the script exports no function named {method!r}")
 
-    async def _run_call(
-        self, begin_args: tuple[Any, ...], host: HostHandler, deadline: float
-    ) -> CallOutcome | None:
-        """Drive one call to its outcome; None when the method does not exist."""
-        status = self._enter(_BEGIN, begin_args[0], deadline, *begin_args[1:])
-        first = status[0]
-        if first not in _STATUS_CODES:
-            # Fast path: the call settled synchronously with a value and left
-            # nothing behind; the text is the value's JSON.
-            if not self._drain_jobs(deadline):
-                return CallOutcome(value=_decode(status), has_value=True)
-            status = self._enter(_POLL, "", deadline)
-        elif first == "X":
-            return None
+    async def _run_call(self, status: str, host: HostHandler, deadline: float) -> CallOutcome:
+        """Drive a call that did not settle at once to its outcome, from its first status."""
         # The event loop. Every status carries the console lines written since
         # the previous one.
         while True:

@@ -1,0 +1,108 @@
+"""The store's group commit: merged INSERTs, commits that overlap, failed commits."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from libvms.store import Store, StoreError, Write, _statements
+
+SCHEMA = "CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)"
+INSERT = "INSERT INTO t (k, v) VALUES (?, ?)"
+REPLACE = "INSERT OR REPLACE INTO t (k, v) VALUES (?, ?)"
+IGNORE = "INSERT OR IGNORE INTO t (k, v) VALUES (?, ?)"
+UPDATE = "UPDATE t SET v = v || ? WHERE k = ?"
+
+rows = st.tuples(st.integers(0, 30), st.text(max_size=3))
+writes = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from([REPLACE, IGNORE]), rows, st.just(False)),
+        st.tuples(st.sampled_from([REPLACE, IGNORE]), st.lists(rows, max_size=300), st.just(True)),
+        st.tuples(
+            st.just(UPDATE), st.tuples(st.text(max_size=2), st.integers(0, 30)), st.just(False)
+        ),
+    ),
+    max_size=12,
+)
+
+
+def _table(statements: Any) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(":memory:")
+    conn.execute(SCHEMA)
+    for sql, params in statements:
+        conn.execute(sql, params)
+    return conn.execute("SELECT k, v FROM t ORDER BY k").fetchall()
+
+
+@given(batch=writes)
+def test_merged_statements_write_what_the_writes_one_by_one_would(batch: list[Write]) -> None:
+    one_by_one = [
+        (sql, row) for sql, params, many in batch for row in (params if many else [params])
+    ]
+    assert _table(_statements(batch)) == _table(one_by_one)
+
+
+def test_runs_of_one_insert_become_few_statements() -> None:
+    batch: list[Write] = [(INSERT, (k, "x"), False) for k in range(300)]
+    batch.append((UPDATE, ("y", 1), False))
+    batch.append((INSERT, [(k, "z") for k in range(300, 310)], True))
+    statements = list(_statements(batch))
+    # 300 rows in two INSERTs (256 + 44), the UPDATE, then one INSERT of 10 rows.
+    assert [len(params) // 2 if sql != UPDATE else 0 for sql, params in statements] == [
+        256,
+        44,
+        0,
+        10,
+    ]
+    assert _table(statements)[1] == (1, "xy")
+
+
+async def test_writes_staged_during_a_commit_go_into_the_next(tmp_path: Path) -> None:
+    store = Store.open(tmp_path)
+    try:
+        store.execute_now(SCHEMA)
+        before = store.commits
+        store._lock.acquire()  # holds the writer thread inside the first commit
+        try:
+            store.stage(INSERT, (1, "a"))
+            first = asyncio.ensure_future(store.flush())
+            await asyncio.sleep(0)  # one turn of the loop: the first commit starts
+            store.stage(INSERT, (2, "b"))
+            second = asyncio.ensure_future(store.flush())
+            store.stage(INSERT, (3, "c"))
+            third = asyncio.ensure_future(store.flush())
+            await asyncio.sleep(0)
+            assert not first.done()
+        finally:
+            store._lock.release()
+        await asyncio.gather(first, second, third)
+        assert store.commits - before == 2
+        assert store.query("SELECT k, v FROM t ORDER BY k") == [(1, "a"), (2, "b"), (3, "c")]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("on_disk", [True, False])
+async def test_a_failed_commit_fails_its_waiters_and_keeps_nothing(
+    tmp_path: Path, on_disk: bool
+) -> None:
+    store = Store.open(tmp_path if on_disk else None)
+    try:
+        store.execute_now(SCHEMA)
+        store.stage(INSERT, (1, "a"))
+        await store.flush()
+        store.stage(INSERT, (2, "b"))
+        store.stage(INSERT, (1, "again"))  # violates the primary key
+        with pytest.raises(StoreError, match="commit failed"):
+            await store.flush()
+        with pytest.raises(StoreError, match="reopen"):
+            store.stage(INSERT, (3, "c"))
+        assert store.query("SELECT k, v FROM t ORDER BY k") == [(1, "a")]
+    finally:
+        store.close()
