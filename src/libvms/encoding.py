@@ -127,6 +127,25 @@ def canonical(value: Any, *, max_bytes: int = MAX_ENTRY_BYTES) -> bytes:
     return data
 
 
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two checked JSON values have the same canonical encoding, without encoding.
+
+    Python's ``==`` almost decides it (key order never matters, and equal numbers
+    print alike whether int or float), but it takes ``True`` for ``1``; this
+    also requires booleans to meet booleans.
+    """
+    return bool(a == b) and _same_kinds(a, b)
+
+
+def _same_kinds(a: Any, b: Any) -> bool:
+    kind = type(a)
+    if kind is dict:
+        return type(b) is dict and all(_same_kinds(v, b[k]) for k, v in a.items())
+    if kind is list or kind is tuple:
+        return type(b) in (list, tuple) and all(map(_same_kinds, a, b))
+    return (kind is bool) == (type(b) is bool)
+
+
 def _reject_constant(name: str) -> Any:
     raise EncodingError(f"{name} is not valid JSON")
 

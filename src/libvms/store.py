@@ -78,10 +78,15 @@ def _merged(sql: str, rows: list[Sequence[Any]]) -> Iterator[tuple[str, Sequence
     match = _INSERT.fullmatch(sql)
     assert match is not None
     head, row_sql = sql[: match.start(1)], match.group(1)
-    for start in range(0, len(rows), _ROWS_PER_INSERT):
-        chunk = rows[start : start + _ROWS_PER_INSERT]
-        params = [value for row in chunk for value in row]
-        yield head + ", ".join([row_sql] * len(chunk)), params
+    # Chunks of power-of-two sizes keep the distinct statement texts few, so
+    # SQLite's prepared-statement cache still serves them.
+    start, left = 0, len(rows)
+    while left:
+        size = min(_ROWS_PER_INSERT, 1 << (left.bit_length() - 1))
+        chunk = rows[start : start + size]
+        yield head + ", ".join([row_sql] * size), [value for row in chunk for value in row]
+        start += size
+        left -= size
 
 
 class _Commit(NamedTuple):

@@ -365,10 +365,10 @@ class BackendVM:
         self._load(runtime, int(init.get("timestamp", 0)))
         scratch = await FilesArchive.create(None, self.files_archive.title)
         try:
-            async for seq, _entry, raw, produced in self._replay_entries(
+            async for seq, entry, raw, produced in self._replay_entries(
                 runtime, scratch, source, 1
             ):
-                compare_entry(seq, raw, produced)
+                compare_entry(seq, raw, produced, entry)
                 if seq % 1000 == 0:
                     scratch.ledger.store.flush_sync()
             if scratch.state_root != self.files_archive.state_root:
@@ -648,7 +648,7 @@ class BackendVM:
         ):
             if check:
                 # Equal bytes: the logged entry's verified leaf hash is this one's too.
-                compare_entry(seq, raw, produced)
+                compare_entry(seq, raw, produced, entry)
                 log.stage_canonical(raw, leaf=call_log.ledger.tree.leaf(seq))
             else:
                 log.stage(produced)
@@ -696,7 +696,7 @@ def _assertion(assertions: Any, *names: str) -> Any:
 
 
 def _entry(
-    call: Mapping[str, Any],
+    call: dict[str, Any],
     archive: FilesArchive,
     *,
     res: Any = ABSENT,
@@ -715,11 +715,11 @@ def _entry(
         result["oracles"] = oracles
     if aborted:
         result["aborted"] = True
-    return {"type": "call", "call": dict(call), "result": result}
+    return {"type": "call", "call": call, "result": result}
 
 
 def _outcome_entry(
-    call: Mapping[str, Any],
+    call: dict[str, Any],
     archive: FilesArchive,
     outcome: CallOutcome,
     oracles: list[dict[str, Any]],
@@ -746,12 +746,24 @@ def differences(expected: Any, found: Any, where: str = "") -> Iterator[tuple[st
         yield where, expected, found
 
 
-def compare_entry(seq: int, expected: bytes, produced: dict[str, Any]) -> bytes:
-    """The canonical bytes of ``produced``; :class:`VerificationError` naming the first
-    differing field unless they equal ``expected``."""
-    produced_bytes = encoding.canonical(produced)
-    if produced_bytes == expected:
-        return produced_bytes
+def compare_entry(seq: int, expected: bytes, produced: dict[str, Any], logged: Any = None) -> None:
+    """Raise :class:`VerificationError` naming the first differing field unless the
+    canonical bytes of ``produced`` equal ``expected``.
+
+    ``logged`` is ``expected`` parsed, when the caller has it: a replayed entry
+    holds the logged ``call`` object itself, so then only the results need
+    encoding to know whether the whole entries are equal.
+    """
+    shares_call = (
+        isinstance(logged, dict)
+        and produced["call"] is logged.get("call")
+        and produced["type"] == logged.get("type")
+        and len(produced) == len(logged)
+    )
+    if shares_call and encoding.same_value(produced["result"], logged.get("result")):
+        return
+    if encoding.canonical(produced) == expected:
+        return
     logged = encoding.parse(expected)
     diffs = list(differences(logged, produced))
     where, logged_value, replayed_value = diffs[0] if diffs else ("", logged, produced)

@@ -119,3 +119,42 @@ def test_parse_canonical_rejects_other_spellings():
         encoding.parse_canonical(b'{"b":1,"a":2}')
     with pytest.raises(EncodingError, match="canonical"):
         encoding.parse_canonical(b'{"a": 2}')
+
+
+def _map_scalars(value, fn):
+    if isinstance(value, dict):
+        return {k: _map_scalars(v, fn) for k, v in reversed(list(value.items()))}
+    if isinstance(value, list):
+        return [_map_scalars(v, fn) for v in value]
+    return fn(value)
+
+
+def _ints_as_floats(x):
+    return float(x) if type(x) is int else x
+
+
+def _bools_as_ints(x):
+    return int(x) if type(x) is bool else x
+
+
+@given(json_values, json_values)
+def test_same_value_agrees_with_canonical_bytes(a, b):
+    assert encoding.same_value(a, b) == (encoding.canonical(a) == encoding.canonical(b))
+
+
+@given(json_values)
+def test_same_value_sees_through_key_order_and_number_types_but_not_bools(value):
+    assert encoding.same_value(value, encoding.parse(encoding.canonical(value)))
+    twin = _map_scalars(value, _ints_as_floats)  # also reverses every object's key order
+    assert encoding.canonical(twin) == encoding.canonical(value)
+    assert encoding.same_value(value, twin)
+    forged = _map_scalars(value, _bools_as_ints)
+    differs = encoding.canonical(forged) != encoding.canonical(value)
+    assert encoding.same_value(value, forged) == (not differs)
+    assert encoding.same_value(forged, value) == (not differs)
+
+
+def test_same_value_tells_true_from_one():
+    assert not encoding.same_value({"res": True}, {"res": 1})
+    assert not encoding.same_value([0], [False])
+    assert encoding.same_value({"a": [1, 2.0]}, {"a": [1.0, 2]})

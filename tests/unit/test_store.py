@@ -53,12 +53,15 @@ def test_runs_of_one_insert_become_few_statements() -> None:
     batch.append((UPDATE, ("y", 1), False))
     batch.append((INSERT, [(k, "z") for k in range(300, 310)], True))
     statements = list(_statements(batch))
-    # 300 rows in two INSERTs (256 + 44), the UPDATE, then one INSERT of 10 rows.
+    # Power-of-two chunks, at most 256 rows: 300 = 256 + 32 + 8 + 4, then 10 = 8 + 2.
     assert [len(params) // 2 if sql != UPDATE else 0 for sql, params in statements] == [
         256,
-        44,
+        32,
+        8,
+        4,
         0,
-        10,
+        8,
+        2,
     ]
     assert _table(statements)[1] == (1, "xy")
 
