@@ -18,7 +18,7 @@ import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -124,60 +124,53 @@ def _leaf(path: str, kind: Kind, content_hash: str | None) -> bytes:
     return merkle.leaf_hash(encoding.canonical(obj))
 
 
-@dataclass
-class _Tree:
-    """The file tree at one version: path -> Stat, plus directory listings."""
+class _Nodes(ABC):
+    """A file tree that archive entries apply to: the operations on top of five primitives."""
 
-    nodes: dict[str, Stat] = field(default_factory=lambda: {"/": Stat("dir", 0, 0)})
-    children: dict[str, set[str]] = field(default_factory=lambda: {"/": set()})
-    leaves: dict[str, bytes] = field(default_factory=dict)
-    _root: bytes | None = None
+    @abstractmethod
+    def get(self, path: str) -> Stat | None:
+        """The node at ``path``, or None."""
 
-    def copy(self) -> _Tree:
-        return _Tree(
-            dict(self.nodes),
-            {k: set(v) for k, v in self.children.items()},
-            dict(self.leaves),
-            self._root,
-        )
+    @abstractmethod
+    def names(self, path: str) -> set[str]:
+        """Names in the directory ``path`` (which exists)."""
 
+    @abstractmethod
+    def under(self, prefix: str) -> list[str]:
+        """Every path that starts with ``prefix`` (a directory path plus ``/``)."""
+
+    @abstractmethod
+    def put(self, path: str, node: Stat) -> None:
+        """Set the node at ``path``, whose parent directory exists."""
+
+    @abstractmethod
+    def drop(self, path: str) -> None:
+        """Remove ``path`` (which exists); its descendants are dropped before it."""
+
+    @abstractmethod
+    def all_nodes(self) -> dict[str, Stat]:
+        """Every path (the root included) and its node."""
+
+    @abstractmethod
     def state_root(self) -> bytes:
-        if self._root is None:
-            self._root = merkle.root_of([self.leaves[p] for p in sorted(self.leaves)])
-        return self._root
+        """The tree's state root (docs/formats.md)."""
 
     def lookup(self, path: str) -> Stat:
-        node = self.nodes.get(path)
+        node = self.get(path)
         if node is None:
             raise NotFoundError(f"{path} does not exist")
         return node
 
     def _require_parent_dir(self, path: str) -> None:
         parent = _parent(path)
-        node = self.nodes.get(parent)
+        node = self.get(parent)
         if node is None:
             raise NotFoundError(f"directory {parent} does not exist")
         if node.kind != "dir":
             raise NotADirectoryError_(f"{parent} is not a directory")
 
-    def _set(self, path: str, node: Stat) -> None:
-        if path not in self.nodes:
-            self.children[_parent(path)].add(_basename(path))
-        self.nodes[path] = node
-        if node.kind == "dir":
-            self.children.setdefault(path, set())
-        self.leaves[path] = _leaf(path, node.kind, node.hash)
-        self._root = None
-
-    def _remove(self, path: str) -> None:
-        del self.nodes[path]
-        self.leaves.pop(path, None)
-        self.children.pop(path, None)
-        self.children[_parent(path)].discard(_basename(path))
-        self._root = None
-
     def apply(self, entry: dict[str, Any]) -> None:
-        """Apply one archive ledger entry, or raise the error that refuses it."""
+        """Apply one archive ledger entry, or raise the error that refuses it (changing nothing)."""
         op = entry.get("type")
         if op == "genesis":
             return
@@ -187,34 +180,152 @@ class _Tree:
         mtime = int(entry["mtime"])
         if op == "write":
             self._require_parent_dir(path)
-            existing = self.nodes.get(path)
+            existing = self.get(path)
             if existing is not None and existing.kind == "dir":
                 raise IsADirectoryError_(f"{path} is a directory")
-            self._set(path, Stat("file", int(entry["size"]), mtime, str(entry["hash"])))
+            self.put(path, Stat("file", int(entry["size"]), mtime, str(entry["hash"])))
         elif op == "mkdir":
             self._require_parent_dir(path)
-            if path in self.nodes:
+            if self.get(path) is not None:
                 raise AlreadyExistsError(f"{path} already exists")
-            self._set(path, Stat("dir", 0, mtime))
+            self.put(path, Stat("dir", 0, mtime))
         elif op == "unlink":
             node = self.lookup(path)
             if node.kind == "dir":
                 raise IsADirectoryError_(f"{path} is a directory; use rmdir")
-            self._remove(path)
+            self.drop(path)
         elif op == "rmdir":
             node = self.lookup(path)
             if node.kind != "dir":
                 raise NotADirectoryError_(f"{path} is not a directory")
-            if self.children[path] and not entry.get("recursive"):
+            if self.names(path) and not entry.get("recursive"):
                 raise DirectoryNotEmptyError(f"{path} is not empty")
-            prefix = path + "/"
-            for sub in [p for p in self.nodes if p.startswith(prefix)]:
-                self.nodes.pop(sub, None)
-                self.leaves.pop(sub, None)
-                self.children.pop(sub, None)
-            self._remove(path)
+            for sub in reversed(self.under(path + "/")):  # deepest first
+                self.drop(sub)
+            self.drop(path)
         else:
             raise LibVMSError(f"unknown archive operation {op!r}")
+
+
+class _Tree(_Nodes):
+    """The file tree at one version: path -> Stat, directory listings and the state root.
+
+    ``generation`` counts changes, so a transaction can tell whether the tree it
+    started from has changed under it.
+    """
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, Stat] = {"/": Stat("dir", 0, 0)}
+        self.children: dict[str, set[str]] = {"/": set()}
+        self.leaves = merkle.MerkleMap()  # one leaf per path but the root, in path order
+        self.generation = 0
+
+    def copy(self) -> _Tree:
+        other = _Tree()
+        other.nodes = dict(self.nodes)
+        other.children = {k: set(v) for k, v in self.children.items()}
+        other.leaves = self.leaves.copy()
+        return other
+
+    def state_root(self) -> bytes:
+        return self.leaves.root()
+
+    def get(self, path: str) -> Stat | None:
+        return self.nodes.get(path)
+
+    def names(self, path: str) -> set[str]:
+        return self.children[path]
+
+    def under(self, prefix: str) -> list[str]:
+        return self.leaves.keys_with_prefix(prefix)
+
+    def put(self, path: str, node: Stat) -> None:
+        if path not in self.nodes:
+            self.children[_parent(path)].add(_basename(path))
+        self.nodes[path] = node
+        if node.kind == "dir":
+            self.children.setdefault(path, set())
+        self.leaves.set(path, _leaf(path, node.kind, node.hash))
+        self.generation += 1
+
+    def all_nodes(self) -> dict[str, Stat]:
+        return self.nodes
+
+    def drop(self, path: str) -> None:
+        del self.nodes[path]
+        self.leaves.delete(path)
+        self.children.pop(path, None)
+        self.children[_parent(path)].discard(_basename(path))
+        self.generation += 1
+
+
+class _Overlay(_Nodes):
+    """A transaction's changes on top of a tree it leaves untouched until commit.
+
+    Costs what the changes cost, not what the tree holds: the tree is never copied.
+    """
+
+    def __init__(self, base: _Tree) -> None:
+        self.base = base
+        self.generation = base.generation
+        self.nodes: dict[str, Stat | None] = {}  # None: removed
+        self.added: dict[str, set[str]] = {}  # directory -> names added to it
+        self.removed: dict[str, set[str]] = {}  # directory -> names removed from it
+        self.fresh: set[str] = set()  # directories made here: nothing of theirs in base
+
+    def get(self, path: str) -> Stat | None:
+        if path in self.nodes:
+            return self.nodes[path]
+        return self.base.nodes.get(path)
+
+    def names(self, path: str) -> set[str]:
+        added = self.added.get(path, set())
+        if path in self.fresh:
+            return set(added)
+        return (self.base.children.get(path, set()) - self.removed.get(path, set())) | added
+
+    def under(self, prefix: str) -> list[str]:
+        paths = {p for p in self.base.under(prefix) if self.nodes.get(p, True) is not None}
+        paths.update(p for p, n in self.nodes.items() if n is not None and p.startswith(prefix))
+        return sorted(paths)
+
+    def put(self, path: str, node: Stat) -> None:
+        if self.get(path) is None:
+            parent, name = _parent(path), _basename(path)
+            self.added.setdefault(parent, set()).add(name)
+            self.removed.get(parent, set()).discard(name)
+            if node.kind == "dir":
+                self.fresh.add(path)
+        self.nodes[path] = node
+
+    def drop(self, path: str) -> None:
+        parent, name = _parent(path), _basename(path)
+        self.nodes[path] = None
+        self.removed.setdefault(parent, set()).add(name)
+        self.added.get(parent, set()).discard(name)
+        self.added.pop(path, None)
+        self.removed.pop(path, None)
+        self.fresh.discard(path)
+
+    def all_nodes(self) -> dict[str, Stat]:
+        nodes = dict(self.base.nodes)
+        for path, node in self.nodes.items():
+            if node is None:
+                nodes.pop(path, None)
+            else:
+                nodes[path] = node
+        return nodes
+
+    def state_root(self) -> bytes:
+        """The root the tree would have with these changes (costs a copy of the leaves)."""
+        leaves = self.base.leaves.copy()
+        for path, node in self.nodes.items():
+            if node is None:
+                if path in leaves:
+                    leaves.delete(path)
+            else:
+                leaves.set(path, _leaf(path, node.kind, node.hash))
+        return leaves.root()
 
 
 def _decode_data(data: str | bytes, encoding_name: str) -> bytes:
@@ -249,7 +360,7 @@ def _encode_data(data: bytes, encoding_name: str) -> str | bytes:
 class _Reader(ABC):
     """Read operations shared by the archive, its transactions and its checkouts."""
 
-    _tree: _Tree
+    _tree: _Nodes
 
     @abstractmethod
     def _blob(self, content_hash: str) -> bytes:
@@ -288,11 +399,11 @@ class _Reader(ABC):
         node = self._tree.lookup(p)
         if node.kind != "dir":
             raise NotADirectoryError_(f"{p} is not a directory")
-        return sorted(self._tree.children[p])
+        return sorted(self._tree.names(p))
 
     def files(self) -> dict[str, Stat]:
         """Every path in the tree (except the root) and its stat."""
-        return {p: s for p, s in self._tree.nodes.items() if p != "/"}
+        return {p: s for p, s in self._tree.all_nodes().items() if p != "/"}
 
 
 class FilesArchive(_Reader):
@@ -301,6 +412,8 @@ class FilesArchive(_Reader):
     ``FilesArchive(url)`` followed by ``await archive.download()`` is the seed's
     way to get a verified copy of someone else's archive (see :meth:`fetch`).
     """
+
+    _tree: _Tree
 
     def __init__(self, url: str) -> None:
         self._remote_url: str | None = url
@@ -527,20 +640,22 @@ class FilesArchive(_Reader):
     def _apply_transaction(self, tx: ArchiveTransaction) -> None:
         if not tx.entries:
             return
-        if tx._base is not self._tree:
+        changes = tx._tree
+        if changes.base is not self._tree or changes.generation != self._tree.generation:
             # Another write landed while the transaction was open: its entries
             # must still apply, in order, on top of the archive as it is now.
-            tree = self._tree.copy()
+            check = _Overlay(self._tree)
             for entry in tx.entries:
-                tree.apply(entry)
-            tx._tree = tree
+                check.apply(entry)
         rows = [(bytes.fromhex(h), d) for h, d in tx._blobs.items()]
         if rows:
             self._store.stage_many("INSERT OR IGNORE INTO blobs (hash, data) VALUES (?, ?)", rows)
             self._staged_blobs.update(tx._blobs)
         for entry in tx.entries:
             self._ledger.stage_append(entry)
-        self._tree = tx._tree
+        # They applied to an overlay of this very tree, so they apply to it.
+        for entry in tx.entries:
+            self._tree.apply(entry)
         tx._release()
 
     def _mutate_now(self, op: str, *args: Any) -> int:
@@ -639,10 +754,11 @@ class ArchiveTransaction(_Reader):
     (durable at the next store flush); dropping the transaction discards them.
     """
 
+    _tree: _Overlay
+
     def __init__(self, archive: FilesArchive, mtime_ms: int | None) -> None:
         self._archive = archive
-        self._base = archive._tree
-        self._tree = archive._tree
+        self._tree = _Overlay(archive._tree)
         self._mtime = mtime_ms
         self.entries: list[dict[str, Any]] = []
         self._blobs: dict[str, bytes] = {}
@@ -662,9 +778,7 @@ class ArchiveTransaction(_Reader):
     def _push(self, entry: dict[str, Any]) -> int:
         if self._done:
             raise LibVMSError("transaction already finished")
-        tree = self._tree.copy() if self._tree is self._base else self._tree
-        tree.apply(entry)
-        self._tree = tree
+        self._tree.apply(entry)
         self.entries.append(entry)
         return self.version
 
@@ -722,13 +836,15 @@ class ArchiveTransaction(_Reader):
         self._done = True
 
     def _release(self) -> None:
-        # Drop the references to tree copies so gathered writes don't pile them up.
-        self._base = self._tree = self._archive._tree
+        # Drop the staged changes and blobs so gathered writes don't pile them up.
+        self._tree = _Overlay(self._archive._tree)
         self._blobs = {}
 
 
 class ArchiveView(_Reader):
     """A read-only view of an archive at one version."""
+
+    _tree: _Tree
 
     def __init__(self, archive: FilesArchive, tree: _Tree, version: int) -> None:
         self._archive = archive

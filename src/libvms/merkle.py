@@ -12,6 +12,7 @@ tree, a hash of the wrong length handed to the tree) raises :class:`ValueError`.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -20,6 +21,7 @@ from .errors import TamperError
 __all__ = [
     "EMPTY_ROOT",
     "HASH_SIZE",
+    "MerkleMap",
     "MerkleTree",
     "leaf_hash",
     "node_hash",
@@ -326,6 +328,131 @@ class MerkleTree:
             pieces.append(bytes(levels[height][offset : offset + HASH_SIZE]))
             lo += 1 << height
         return pieces
+
+
+class MerkleMap:
+    """Leaf hashes kept in key order, with the root MTH of the leaves in that order.
+
+    The files archive's state root (docs/formats.md) is this root over one leaf per
+    path. It keeps every perfect-subtree hash, so changing the leaf of a key that
+    exists rehashes only the O(log n) subtrees above it; adding or removing a key
+    shifts every leaf after it and rehashes about one node per shifted leaf.
+    """
+
+    __slots__ = ("_dirty", "_dirty_from", "_keys", "_levels", "_root")
+
+    def __init__(self) -> None:
+        self._keys: list[str] = []
+        self._levels: list[list[bytes]] = [[]]  # level 0: the leaves, in key order
+        # Every node at or after this leaf position is stale (leaves shifted there)...
+        self._dirty_from = 0
+        # ...and so are the nodes above these positions, whose leaves changed in place.
+        self._dirty: set[int] = set()
+        self._root: bytes | None = EMPTY_ROOT
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return self.get(key) is not None  # type: ignore[arg-type]
+
+    def get(self, key: str) -> bytes | None:
+        """The leaf hash of ``key``, or None."""
+        keys = self._keys
+        i = bisect.bisect_left(keys, key)
+        return self._levels[0][i] if i < len(keys) and keys[i] == key else None
+
+    def keys(self) -> list[str]:
+        """Every key, in order."""
+        return list(self._keys)
+
+    def keys_with_prefix(self, prefix: str) -> list[str]:
+        """The keys that start with ``prefix``, in order (they are adjacent)."""
+        keys = self._keys
+        lo = bisect.bisect_left(keys, prefix)
+        hi = lo
+        while hi < len(keys) and keys[hi].startswith(prefix):
+            hi += 1
+        return keys[lo:hi]
+
+    def set(self, key: str, leaf: bytes) -> None:
+        """Give ``key`` the leaf hash ``leaf``, adding the key if it is new."""
+        _check_hash(leaf, "leaf hash")
+        keys, leaves = self._keys, self._levels[0]
+        i = bisect.bisect_left(keys, key)
+        if i < len(keys) and keys[i] == key:
+            if leaves[i] == leaf:
+                return
+            leaves[i] = bytes(leaf)
+            if i < self._dirty_from:
+                self._dirty.add(i)
+        else:
+            keys.insert(i, key)
+            leaves.insert(i, bytes(leaf))
+            self._dirty_from = min(self._dirty_from, i)
+        self._root = None
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; :class:`KeyError` if it is absent."""
+        keys = self._keys
+        i = bisect.bisect_left(keys, key)
+        if i == len(keys) or keys[i] != key:
+            raise KeyError(key)
+        del keys[i]
+        del self._levels[0][i]
+        self._dirty_from = min(self._dirty_from, i)
+        self._root = None
+
+    def copy(self) -> MerkleMap:
+        """An independent copy."""
+        other = MerkleMap.__new__(MerkleMap)
+        other._keys = list(self._keys)
+        other._levels = [list(level) for level in self._levels]
+        other._dirty_from = self._dirty_from
+        other._dirty = set(self._dirty)
+        other._root = self._root
+        return other
+
+    def root(self) -> bytes:
+        """MTH of the leaves in key order (RFC 9162 §2.1.1); the empty tree's root if none."""
+        if self._root is None:
+            self._rehash()
+            levels, n = self._levels, len(self._keys)
+            pieces: list[bytes] = []
+            lo = 0
+            while lo < n:
+                height = (n - lo).bit_length() - 1
+                pieces.append(levels[height][lo >> height])
+                lo += 1 << height
+            self._root = _fold_right(pieces) if pieces else EMPTY_ROOT
+        return self._root
+
+    def _rehash(self) -> None:
+        levels, n = self._levels, len(self._keys)
+        start = self._dirty_from
+        points = {p for p in self._dirty if p < start}
+        sha, prefix = _sha256, _NODE_PREFIX
+        height = 0
+        while n >> (height + 1):
+            below = levels[height]
+            if height + 1 == len(levels):
+                levels.append([])
+            level = levels[height + 1]
+            count = n >> (height + 1)
+            start >>= 1
+            # The shifted tail: recompute every node from `start` on.
+            del level[start:]
+            level.extend(
+                sha(prefix + below[2 * j] + below[2 * j + 1]).digest() for j in range(start, count)
+            )
+            # Leaves changed in place: recompute the one parent of each.
+            points = {p >> 1 for p in points if p >> 1 < start}
+            for j in points:
+                level[j] = sha(prefix + below[2 * j] + below[2 * j + 1]).digest()
+            height += 1
+        del levels[height + 1 :]
+        self._dirty_from = n
+        self._dirty = set()
 
 
 def root_from_inclusion(leaf_hash: bytes, index: int, size: int, proof: Sequence[bytes]) -> bytes:

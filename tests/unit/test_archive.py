@@ -223,3 +223,125 @@ async def test_unfetched_archive_says_so():
     archive = FilesArchive("http://127.0.0.1:1/files#" + "A" * 43)
     with pytest.raises(AttributeError, match=r"download\(\)"):
         await archive.read_file("/x")
+
+
+def _model_apply(files, op, path, data, recursive):
+    """The archive's rules on a plain dict; returns the new dict, or None if refused."""
+    parent = path.rsplit("/", 1)[0] or "/"
+    parent_ok = parent == "/" or files.get(parent, ("file",))[0] == "dir"
+    kind = files.get(path, (None,))[0]
+    out = dict(files)
+    if op == "write":
+        if not parent_ok or kind == "dir":
+            return None
+        out[path] = ("file", data)
+    elif op == "mkdir":
+        if not parent_ok or kind is not None:
+            return None
+        out[path] = ("dir", None)
+    elif op == "unlink":
+        if kind != "file":
+            return None
+        del out[path]
+    else:
+        below = [p for p in files if p.startswith(path + "/")]
+        if kind != "dir" or (below and not recursive):
+            return None
+        for p in [*below, path]:
+            del out[p]
+    return out
+
+
+async def _assert_shows(reader, files):
+    assert {p: s.kind for p, s in reader.files().items()} == {p: k for p, (k, _) in files.items()}
+    for path, (kind, data) in files.items():
+        if kind == "file":
+            assert reader.read_file_now(path, "binary") == data
+        else:
+            prefix = path + "/"
+            assert reader.readdir_now(path) == sorted(
+                p[len(prefix) :]
+                for p in files
+                if p.startswith(prefix) and "/" not in p[len(prefix) :]
+            )
+    assert reader.readdir_now("/") == sorted(p[1:] for p in files if p.count("/") == 1)
+    assert reader.state_root == spec_state_root(files)
+
+
+tx_ops = st.lists(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["write", "write", "mkdir", "mkdir", "mkdir", "unlink", "rmdir"]),
+            st.lists(st.sampled_from(["a", "é"]), min_size=1, max_size=3).map(
+                lambda parts: "/" + "/".join(parts)
+            ),
+            contents,
+            st.booleans(),
+        ),
+        max_size=12,
+    ).flatmap(lambda ops: st.tuples(st.just(ops), st.booleans())),
+    max_size=6,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tx_ops)
+async def test_transactions_follow_the_archive_rules_and_commit_or_vanish_whole(transactions):
+    archive = await FilesArchive.create(None, "t")
+    committed: dict = {}
+    for ops, commit in transactions:
+        tx = archive.transaction(mtime_ms=5)
+        pending = committed
+        for op, path, data, recursive in ops:
+            after = _model_apply(pending, op, path, data, recursive)
+            if after is None:
+                with pytest.raises(
+                    (
+                        NotFoundError,
+                        IsADirectoryError_,
+                        NotADirectoryError_,
+                        AlreadyExistsError,
+                        DirectoryNotEmptyError,
+                    )
+                ):
+                    if op == "write":
+                        tx.write_file(path, data)
+                    elif op == "rmdir":
+                        tx.rmdir(path, recursive)
+                    else:
+                        getattr(tx, op)(path)
+                continue
+            if op == "write":
+                tx.write_file(path, data)
+            elif op == "rmdir":
+                tx.rmdir(path, recursive)
+            else:
+                getattr(tx, op)(path)
+            pending = after
+        await _assert_shows(tx, pending)
+        await _assert_shows(archive, committed)
+        if commit:
+            tx.commit()
+            committed = pending
+        await _assert_shows(archive, committed)
+    await archive.close()
+
+
+async def test_recursive_rmdir_removes_every_descendant_in_and_out_of_a_transaction():
+    archive = await FilesArchive.create(None, "t")
+    for d in ("/a", "/a/b", "/a/b/c", "/ab"):
+        await archive.mkdir(d)
+    for f in ("/a/b/c/f", "/a/b/g", "/a/x", "/ab/y"):
+        await archive.write_file(f, f)
+    left = {"/ab": ("dir", None), "/ab/y": ("file", b"/ab/y")}
+    tx = archive.transaction(mtime_ms=7)
+    tx.write_file("/a/b/new", "n")
+    tx.rmdir("/a", recursive=True)
+    await _assert_shows(tx, left)
+    tx.mkdir("/a")
+    await _assert_shows(tx, {**left, "/a": ("dir", None)})
+    tx.commit()
+    await _assert_shows(archive, {**left, "/a": ("dir", None)})
+    await archive.rmdir("/a", recursive=True)
+    await _assert_shows(archive, left)
+    await archive.close()

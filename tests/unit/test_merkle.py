@@ -13,6 +13,7 @@ from libvms.errors import TamperError
 from libvms.merkle import (
     EMPTY_ROOT,
     HASH_SIZE,
+    MerkleMap,
     MerkleTree,
     leaf_hash,
     node_hash,
@@ -691,3 +692,53 @@ def test_outputs_are_bytes() -> None:
     assert all(type(p) is bytes for p in tree.inclusion_proof(2))
     assert all(type(p) is bytes for p in tree.consistency_proof(3))
     assert type(tree.root(3)) is bytes
+
+
+map_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["set", "set", "delete", "root"]),
+        st.text("ab/", max_size=4),
+        st.binary(min_size=32, max_size=32),
+    ),
+    max_size=60,
+)
+
+
+@hsettings(150)
+@given(ops=map_ops)
+def test_merkle_map_root_is_the_root_of_its_leaves_in_key_order(
+    ops: list[tuple[str, str, bytes]],
+) -> None:
+    tree = MerkleMap()
+    model: dict[str, bytes] = {}
+    snapshots: list[tuple[MerkleMap, dict[str, bytes]]] = []
+    for op, key, leaf in ops:
+        if op == "set":
+            tree.set(key, leaf)
+            model[key] = leaf
+        elif op == "delete":
+            if key in model:
+                tree.delete(key)
+                del model[key]
+            else:
+                with pytest.raises(KeyError):
+                    tree.delete(key)
+        else:
+            assert tree.root() == root_of([model[k] for k in sorted(model)])
+            snapshots.append((tree.copy(), dict(model)))
+        assert len(tree) == len(model)
+    assert tree.root() == root_of([model[k] for k in sorted(model)])
+    assert tree.keys() == sorted(model)
+    for key in {k for _, k, _ in ops}:
+        assert tree.get(key) == model.get(key)
+        assert tree.keys_with_prefix(key) == [k for k in sorted(model) if k.startswith(key)]
+    for copy, old in snapshots:  # copies are unaffected by later changes
+        assert copy.root() == root_of([old[k] for k in sorted(old)])
+
+
+def test_merkle_map_rejects_bad_leaves() -> None:
+    tree = MerkleMap()
+    with pytest.raises(ValueError):
+        tree.set("/a", b"short")
+    assert "/a" not in tree
+    assert tree.root() == EMPTY_ROOT
