@@ -1240,6 +1240,425 @@ def test_replay_is_identical_across_time_zones_and_hash_seeds() -> None:
     ]
 
 
+# ------------------------------------------------------- event loop order and fast paths
+
+ORDER_SCRIPT = r"""
+const ev = [];
+const log = (x) => { ev.push(x); console.log(x); };
+exports.mixed = async () => {
+  ev.length = 0;
+  const p1 = System.files.readFile('/1').then((v) => {
+    log('r1:' + v);
+    return System.files.readFile('/3');
+  });
+  Promise.resolve().then(() => {
+    log('job1');
+    return System.files.readFile('/2').then((v) => log('r2:' + v));
+  });
+  queueMicrotask(() => {
+    log('micro');
+    System.files.writeFile('/w', 'x').then(() => log('wrote'));
+  });
+  setTimeout(() => { log('timer0'); System.files.readFile('/t0').then((v) => log('t0:' + v)); }, 0);
+  setTimeout(() => log('timer5'), 5);
+  log('sync');
+  const v3 = await p1;
+  log('after p1:' + v3);
+  await new Promise((r) => setTimeout(r, 3));
+  log('after 3ms');
+  log('r4:' + await System.files.readFile('/4'));
+  return ev.slice();
+};
+exports.late = async () => {
+  ev.length = 0;
+  await null;
+  log('after null');
+  const all = Promise.all([1, 2, 3].map(async (i) => {
+    await Promise.resolve();
+    log('ask' + i);
+    const v = await System.oracles.o(i);
+    log('got' + i + ':' + v);
+    await null;
+    log('then' + i);
+    return v;
+  }));
+  Promise.resolve().then(() => log('side'));
+  log('waiting');
+  const vs = await all;
+  log('all:' + vs.join(','));
+  return ev.slice();
+};
+exports.errors = async () => {
+  ev.length = 0;
+  const a = System.files.readFile('/missing').catch((e) => log('caught:' + e.name));
+  const b = System.files.stat('/s').then((s) => log('stat:' + s.isFile()));
+  const c = System.files.readFile('/missing2').then(() => log('no'), (e) => {
+    log('caught2:' + e.name);
+    return System.files.readFile('/5');
+  });
+  await Promise.all([a, b, c]);
+  log('done');
+  return ev.slice();
+};
+exports.thenGetter = async () => {
+  // Settling a request with an object reads its "then": script code runs
+  // inside the settlement, after the jobs the call left before it.
+  ev.length = 0;
+  Object.defineProperty(Object.prototype, 'then', {
+    configurable: true,
+    get() { log('then read'); return undefined; },
+  });
+  try {
+    Promise.resolve().then(() => log('pending job'));
+    const obj = System.oracles.obj();
+    log('sync');
+    const got = await obj;
+    log('got:' + got.k);
+  } finally {
+    delete Object.prototype.then;
+  }
+  return ev.slice();
+};
+exports.syncLeaves = () => {
+  ev.length = 0;
+  System.files.writeFile('/left', 'v').then(() => log('left written'));
+  Promise.resolve().then(() => System.files.readFile('/job').then((v) => log('job read:' + v)));
+  log('returning');
+  return 7;
+};
+exports.unsettled = async () => {
+  ev.length = 0;
+  System.files.readFile('/u').then((v) => log('u:' + v));
+  setTimeout(() => log('t'), 10);
+  await new Promise(() => {});
+};
+exports.events = () => ev.slice();
+"""
+
+UNSETTLED = (
+    "UnsettledError",
+    "the call's promise never settled: no job, host request or timer was left to settle it",
+)
+
+# (method, (value, has_value, error, virtual_ms), host requests and console lines in order)
+ORDER_CASES: list[tuple[str, tuple[Any, bool, Any, int], list[tuple[Any, ...]]]] = [
+    (
+        "mixed",
+        (
+            [
+                "sync",
+                "job1",
+                "micro",
+                "r1:R/1",
+                "r2:R/2",
+                "wrote",
+                "after p1:R/3",
+                "timer0",
+                "t0:R/t0",
+                "after 3ms",
+                "r4:R/4",
+            ],
+            True,
+            None,
+            3,
+        ),
+        [
+            ("log", "sync"),
+            ("log", "job1"),
+            ("log", "micro"),
+            ("host", "files.readFile", ["/1", "utf8"]),
+            ("host", "files.readFile", ["/2", "utf8"]),
+            ("log", "r1:R/1"),
+            ("host", "files.writeFile", ["/w", "x", "utf8"]),
+            ("log", "r2:R/2"),
+            ("log", "wrote"),
+            ("host", "files.readFile", ["/3", "utf8"]),
+            ("log", "after p1:R/3"),
+            ("log", "timer0"),
+            ("host", "files.readFile", ["/t0", "utf8"]),
+            ("log", "t0:R/t0"),
+            ("log", "after 3ms"),
+            ("host", "files.readFile", ["/4", "utf8"]),
+            ("log", "r4:R/4"),
+        ],
+    ),
+    (
+        "late",
+        (
+            [
+                "after null",
+                "waiting",
+                "ask1",
+                "ask2",
+                "ask3",
+                "side",
+                "got1:10",
+                "then1",
+                "got2:20",
+                "then2",
+                "got3:30",
+                "then3",
+                "all:10,20,30",
+            ],
+            True,
+            None,
+            0,
+        ),
+        [
+            ("log", "after null"),
+            ("log", "waiting"),
+            ("log", "ask1"),
+            ("log", "ask2"),
+            ("log", "ask3"),
+            ("log", "side"),
+            ("host", "oracle", ["o", [1]]),
+            ("host", "oracle", ["o", [2]]),
+            ("log", "got1:10"),
+            ("log", "then1"),
+            ("host", "oracle", ["o", [3]]),
+            ("log", "got2:20"),
+            ("log", "then2"),
+            ("log", "got3:30"),
+            ("log", "then3"),
+            ("log", "all:10,20,30"),
+        ],
+    ),
+    (
+        "errors",
+        (["caught:NotFoundError", "stat:true", "caught2:NotFoundError", "done"], True, None, 0),
+        [
+            ("host", "files.readFile", ["/missing", "utf8"]),
+            ("host", "files.stat", ["/s"]),
+            ("log", "caught:NotFoundError"),
+            ("host", "files.readFile", ["/missing2", "utf8"]),
+            ("log", "stat:true"),
+            ("log", "caught2:NotFoundError"),
+            ("host", "files.readFile", ["/5", "utf8"]),
+            ("log", "done"),
+        ],
+    ),
+    (
+        "thenGetter",
+        (["sync", "pending job", "then read", "got:v"], True, None, 0),
+        [
+            ("log", "sync"),
+            ("log", "pending job"),
+            ("host", "oracle", ["obj", []]),
+            ("log", "then read"),
+            ("log", "got:v"),
+        ],
+    ),
+    (
+        "syncLeaves",
+        (7, True, None, 0),
+        [
+            ("log", "returning"),
+            ("host", "files.writeFile", ["/left", "v", "utf8"]),
+            ("host", "files.readFile", ["/job", "utf8"]),
+            ("log", "left written"),
+            ("log", "job read:R/job"),
+        ],
+    ),
+    (
+        "unsettled",
+        (None, False, UNSETTLED, 10),
+        [("host", "files.readFile", ["/u", "utf8"]), ("log", "u:R/u"), ("log", "t")],
+    ),
+    # What ran after the unsettled call's outcome, before its timers were cleared.
+    ("events", (["u:R/u", "t"], True, None, 0), []),
+]
+
+
+class _Trace(logging.Handler):
+    def __init__(self, trace: list[tuple[Any, ...]]) -> None:
+        super().__init__()
+        self.trace = trace
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.trace.append(("log", record.getMessage().removeprefix("console.log: ")))
+
+
+async def test_event_loop_order_is_stable() -> None:
+    # Host requests, script jobs, timers and console lines interleave in one
+    # fixed order; replays depend on it, so it is pinned here case by case:
+    # requests made before the first await, requests made by jobs the call left
+    # pending, requests made by settlements, timers, host errors, a settlement
+    # running script code, a synchronous result leaving requests and jobs.
+    trace: list[tuple[Any, ...]] = []
+    logger = logging.getLogger("libvms.test.order")
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    handler = _Trace(trace)
+    logger.addHandler(handler)
+
+    async def host(op: str, args: list[Any]) -> Any:
+        trace.append(("host", op, args))
+        if op == "files.readFile":
+            if args[0].startswith("/missing"):
+                raise HostError("NotFoundError", args[0])
+            return "R" + args[0]
+        if op == "files.stat":
+            return {"type": "file", "size": 1, "mtime": 0}
+        if op == "oracle":
+            return {"k": "v"} if args[0] == "obj" else args[1][0] * 10
+        return None
+
+    try:
+        rt = runtime(ORDER_SCRIPT, logger=logger)
+        for method, expected, expected_trace in ORDER_CASES:
+            trace.clear()
+            outcome = await call(rt, method, host=host, timestamp_ms=2000)
+            got = (outcome.value, outcome.has_value, outcome.error, outcome.virtual_ms)
+            assert got == expected, method
+            assert trace == expected_trace, method
+            assert not rt.broken
+    finally:
+        logger.removeHandler(handler)
+
+
+async def test_sync_result_with_jobs_left() -> None:
+    # A synchronous result with jobs still queued: the jobs run, their requests
+    # are served, then the value is the outcome.
+    rt = runtime(
+        """
+        let seen = [];
+        exports.f = () => {
+          Promise.resolve().then(() => System.files.readFile('/j')).then((v) => seen.push(v));
+          queueMicrotask(() => console.log('micro'));
+          return 1;
+        };
+        exports.g = () => { Promise.resolve().then(() => seen.push('job')); return 'x'; };
+        exports.seen = () => seen;
+        """
+    )
+    host = FakeHost({"files.readFile": "J"})
+    outcome = await call(rt, "f", host=host)
+    assert (outcome.value, outcome.has_value, outcome.error) == (1, True, None)
+    assert host.requests == [("files.readFile", ["/j", "utf8"])]
+    assert await value(rt, "g") == "x"
+    assert await value(rt, "seen") == ["J", "job"]
+
+
+NUMBERS_SCRIPT = """
+const vals = [0, -0, -5, 123, 2 ** 53 - 1, -(2 ** 53 - 1), 2 ** 53, -(2 ** 53), 2 ** 60, 1e21,
+  1e-7, 1234567890123456, 999999999999999, 0.5, '1234567890123456789',
+  {k12345678901234567: 2 ** 60, n: [1, 22, 333]}];
+exports.count = () => vals.length;
+exports.one = (i) => vals[i];
+exports.logged = (i) => { console.log('x'); return vals[i]; };
+exports.later = async (i) => { await null; return vals[i]; };
+exports.all = () => vals;
+exports.viaHost = async () => System.oracles.echo(vals);
+exports.arg = (x) => [x, typeof x];
+"""
+
+NUMBERS = [
+    0,
+    0,
+    -5,
+    123,
+    2**53 - 1,
+    -(2**53 - 1),
+    float(2**53),
+    float(-(2**53)),
+    float(2**60),
+    1e21,
+    1e-7,
+    1234567890123456,
+    999999999999999,
+    0.5,
+    "1234567890123456789",
+    {"k12345678901234567": float(2**60), "n": [1, 22, 333]},
+]
+
+
+async def test_numbers_cross_every_path() -> None:
+    # An integer beyond the safe range is a double in JS and a float in Python,
+    # on every path: a bare result, a final status, a host round trip.
+    rt = runtime(NUMBERS_SCRIPT, logger=logging.getLogger("libvms.test.numbers"))
+    assert await value(rt, "count") == len(NUMBERS)
+    for i, expected in enumerate(NUMBERS):
+        for method in ("one", "logged", "later"):
+            got = await value(rt, method, i)
+            assert got == expected and type(got) is type(expected), (method, i, got)
+    for method in ("all", "viaHost"):
+        got = await value(rt, method, host=FakeHost({"oracle": lambda args: args[1][0]}))
+        assert got == NUMBERS
+        assert [type(x) for x in got] == [type(x) for x in NUMBERS]
+    assert await value(rt, "arg", 2**60) == [float(2**60), "number"]
+    assert await value(rt, "arg", [1, [2, "x"]]) == [[1, [2, "x"]], "object"]
+
+
+async def test_request_arguments_fast_and_slow_paths() -> None:
+    rt = runtime(
+        r"""
+        const attempt = async (f) => {
+          try { return ['ok', await f()]; } catch (e) { return [e.name, e.message]; }
+        };
+        exports.f = async () => [
+          await attempt(() => System.files.writeFile('/a', 'x\ud800y')),
+          await attempt(() => System.files.writeFile('/a\udc00', 'x')),
+          await attempt(() => System.files.writeFile('/a', '\\ud800 is text')),
+          await attempt(() => System.oracles.o(NaN)),
+          await attempt(() => System.files.stat(Infinity)),
+          await attempt(() => System.files.getInfo(null, true, 1.5, -0)),
+          await attempt(() => System.files.writeFile('/s', '$bytes')),
+          await attempt(() => System.files.readFile('/n', {encoding: 'HEX'})),
+          await attempt(() => System.files.stat('/none')),
+          await attempt(() => System.files.readdir('/none')),
+        ];
+        """
+    )
+    host = FakeHost()
+    not_json = "arguments is not JSON: "
+    assert await value(rt, "f", host=host) == [
+        ["EncodingError", not_json + "a string holds a lone surrogate at arguments[1]"],
+        ["EncodingError", not_json + "a string holds a lone surrogate at arguments[0]"],
+        ["ok", None],
+        ["EncodingError", not_json + "NaN is not a JSON number at arguments[1][0]"],
+        ["EncodingError", not_json + "Infinity is not a JSON number at arguments[0]"],
+        ["ok", None],
+        ["ok", None],
+        ["ok", None],
+        ["ok", None],
+        ["ok", None],
+    ]
+    assert host.requests == [
+        ("files.writeFile", ["/a", "\\ud800 is text", "utf8"]),
+        ("files.getInfo", [None, True, 1.5, 0]),
+        ("files.writeFile", ["/s", "$bytes", "utf8"]),
+        ("files.readFile", ["/n", "hex"]),
+        ("files.stat", ["/none"]),
+        ("files.readdir", ["/none"]),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        ([float("nan")], "Out of range float values are not JSON compliant"),
+        ([{"a": float("inf")}], "Out of range float values are not JSON compliant"),
+        ([b"x"], "Object of type bytes is not JSON serializable"),
+        (None, "Circular reference detected"),
+    ],
+)
+async def test_call_argument_errors(args: Any, error: str) -> None:
+    rt = runtime("exports.f = (...a) => a;")
+    if args is None:
+        args = []
+        args.append(args)
+    with pytest.raises(EncodingError, match=error):
+        await call(rt, "f", *args)
+    assert not rt.broken
+    assert await value(rt, "f", True, None, 1.5, "é\x00", 2**60) == [
+        True,
+        None,
+        1.5,
+        "é\x00",
+        float(2**60),
+    ]
+
+
 # -------------------------------------------------------------------- performance
 
 

@@ -65,13 +65,14 @@ import hashlib
 import importlib.metadata
 import importlib.resources
 import json
+import json.encoder
+import json.scanner
 import locale
 import logging
 import struct
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import quickjs
 
@@ -141,9 +142,8 @@ class HostError(Exception):
         self.message = message
 
 
-@dataclass(frozen=True, slots=True)
-class CallOutcome:
-    """What a call resolved or rejected to."""
+class CallOutcome(NamedTuple):
+    """What a call resolved or rejected to (a named tuple: one is built per call)."""
 
     #: JSON value the call resolved to (only meaningful when ``has_value``).
     value: Any = None
@@ -163,6 +163,8 @@ _LOAD = 4
 _EXPORTS = 5
 _EXPORT_VALUE = 6
 _SETTLE_WIRE = 7
+_TAKE = 8
+_SETTLE_NULL = 9
 
 _SAFE_INT = 2**53 - 1
 
@@ -192,12 +194,101 @@ def _parse_int(text: str) -> int | float:
     return float(value)
 
 
-_decode = json.JSONDecoder(parse_int=_parse_int).decode
+_decoder = json.JSONDecoder(parse_int=_parse_int)
+_decode = _decoder.decode
+
+
+def _make_decoders() -> tuple[Callable[[str, int], Any], Callable[[str, int], Any]]:
+    """``(decode_at, decode_hooked_at)``: ``decode_at(text, i)`` is the JSON value that
+    fills ``text[i:]``, as :data:`_decode` gives it.
+
+    Texts come from the prelude, which writes no whitespace. The C scanner is
+    built once. ``decode_at`` uses the plain ``int`` parser when the text holds
+    no run of 16 digits (so no integer that could leave the safe range), which
+    gives the same values as :func:`_parse_int` without calling back into
+    Python for every integer; the check costs about a nanosecond per character.
+    ``decode_hooked_at`` always calls :func:`_parse_int`, for texts that hold
+    few integers but maybe long strings. Anything the scanner does not consume
+    whole goes through :data:`_decode`, which then raises its usual error.
+    """
+    make = getattr(json.scanner, "c_make_scanner", None)
+    if make is None:  # pragma: no cover - CPython always has the C scanner
+
+        def fallback(text: str, idx: int) -> Any:
+            return _decode(text[idx:])
+
+        return fallback, fallback
+    hooked = make(_decoder)
+    plain = make(json.JSONDecoder())
+    digit_marks = bytes.maketrans(b"0123456789", b"##########")
+    long_run = b"#" * 16
+
+    def scan_whole(scan: Any, text: str, idx: int) -> Any:
+        try:
+            value, end = scan(text, idx)
+        except StopIteration:
+            return _decode(text[idx:])
+        if end != len(text):
+            return _decode(text[idx:])
+        return value
+
+    def decode_at(text: str, idx: int) -> Any:
+        if len(text) - idx >= 16 and long_run in text.encode("utf-8", "surrogatepass").translate(
+            digit_marks
+        ):
+            return scan_whole(hooked, text, idx)
+        return scan_whole(plain, text, idx)
+
+    def decode_hooked_at(text: str, idx: int) -> Any:
+        return scan_whole(hooked, text, idx)
+
+    return decode_at, decode_hooked_at
+
+
+_decode_at, _decode_hooked_at = _make_decoders()
 
 
 # ASCII only: the wrapper passes strings through C strings (a NUL would cut
 # them, a lone surrogate would fail), so everything is escaped.
-_dumps = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode
+_encoder = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+_dumps = _encoder.encode
+
+
+def _make_dumps_acyclic() -> Callable[[Any], str]:
+    """:data:`_dumps` without its cycle check, for values that cannot hold a cycle.
+
+    The same C encoder with the same settings, built once instead of on every
+    call. Only for flat lists of scalars and for values rebuilt by
+    :func:`_to_wire`, whose nesting is bounded.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # pragma: no cover - CPython always has the C encoder
+        return _dumps
+    encode = make(
+        None,
+        _encoder.default,
+        json.encoder.encode_basestring_ascii,
+        None,
+        ":",
+        ",",
+        False,
+        False,
+        False,
+    )
+    return lambda value: "".join(encode(value, 0))
+
+
+_dumps_acyclic = _make_dumps_acyclic()
+
+# Types whose values are JSON scalars for the encoder (subclasses go the long way).
+_SCALAR_TYPES = frozenset((str, int, float, bool, type(None)))
+
+
+def _decode_result(text: str) -> Any:
+    """The value of a bare JSON result text (the prelude's fast path)."""
+    if len(text) < 16 and text.isascii() and text.isdigit():
+        return int(text)  # a non-negative integer well inside the safe range
+    return _decode_at(text, 0)
 
 
 def _c_safe(text: str) -> bool:
@@ -219,6 +310,7 @@ def _seed_words(seed: bytes) -> tuple[int, int, int, int]:
 
 
 _unpack_words = struct.Struct("<4I").unpack
+_monotonic = time.monotonic
 
 
 def _begin_args(
@@ -234,7 +326,15 @@ def _begin_args(
         caller_id = _dumps(caller_id)
         flags |= 2
     try:
-        args_text = _dumps(args) if args else None
+        if not args:
+            args_text = None
+        else:
+            dumps = _dumps_acyclic
+            for arg in args:
+                if type(arg) not in _SCALAR_TYPES:
+                    dumps = _dumps
+                    break
+            args_text = dumps(args)
     except (TypeError, ValueError) as exc:
         raise EncodingError(f"call arguments are not JSON: {exc}") from exc
     w0, w1, w2, w3 = _seed_words(seed)
@@ -451,23 +551,24 @@ class JSRuntime:
         included (a host await itself is not interrupted; the limit is checked
         when it returns).
         """
-        self._check_ready()
+        if self._busy or self.broken or self._closed or not self._loaded:
+            self._check_ready()
         begin_args = _begin_args(method, args, caller_id, timestamp_ms, seed)
         # The wall deadline covers the whole call; each JS step also gets the
         # engine's CPU time limit set to what is left of it.
-        deadline = time.monotonic() + self._call_timeout
+        deadline = _monotonic() + self._call_timeout
         self._busy = True
         try:
-            status = self._enter(_BEGIN, begin_args[0], deadline, *begin_args[1:])
+            status = self._enter_begin(begin_args, deadline)
             first = status[0]
             if first not in _STATUS_CODES:
                 # Fast path: the call settled synchronously with a value and left
                 # nothing behind; the text is the value's JSON.
                 if not self._drain_jobs(deadline):
-                    return CallOutcome(value=_decode(status), has_value=True)
-                status = self._enter(_POLL, "", deadline)
-            elif first != "X":
-                return await self._run_call(status, host, deadline)
+                    return CallOutcome(_decode_result(status), True, None, 0)
+                return await self._run_call(self._enter(_POLL, "", deadline), True, host, deadline)
+            if first != "X":
+                return await self._run_call(status, False, host, deadline)
         except BaseException:
             # A limit, a host bug or a cancellation in the middle of a call: the
             # script's state is half-way through, so the runtime cannot be
@@ -478,36 +579,75 @@ class JSRuntime:
             self._busy = False
         raise VMCallError("MethodNotFound", f"the script exports no function named {method!r}")
 
-    async def _run_call(self, status: str, host: HostHandler, deadline: float) -> CallOutcome:
-        """Drive a call that did not settle at once to its outcome, from its first status."""
+    async def _run_call(
+        self, status: str, polled: bool, host: HostHandler, deadline: float
+    ) -> CallOutcome:
+        """Drive a call that did not settle at once to its outcome, from its first status.
+
+        ``polled`` tells that ``status`` is POLL's; otherwise it is BEGIN's. The
+        host only polls once no job is pending, and a POLL runs no script code
+        unless it fires a timer (``T``).
+        """
         # The event loop. Every status carries the console lines written since
         # the previous one.
         while True:
             kind = status[0]
-            data = _decode(status[1:])
-            self._emit_logs(data[-1])
+            # Requests hold few integers but maybe long strings (file contents).
+            data = (_decode_hooked_at if kind == "R" else _decode_at)(status, 1)
+            if data[-1]:
+                self._emit_logs(data[-1])
             if kind == "R":
+                requests = data[0]
+                maybe_markers = _has_marker_text(status)
+                if not polled and self._drain_jobs(deadline):
+                    # BEGIN's requests, made before the call's first await. As if
+                    # BEGIN had answered "P" and POLL taken the outbox: the jobs
+                    # BEGIN left run first, and the requests they made (TAKE)
+                    # join the batch before any of it is served.
+                    status = self._enter(_TAKE, "", deadline)
+                    data = _decode_hooked_at(status, 1)
+                    if data[-1]:
+                        self._emit_logs(data[-1])
+                    requests = requests + data[0]
+                    maybe_markers = maybe_markers or _has_marker_text(status)
                 # Requests in the order the script made them, one at a time;
                 # the jobs each settlement unblocks run before the next one.
-                for request in data[0]:
-                    await self._serve(request, host, deadline)
+                for req_id, op, wire_args in requests:
+                    if maybe_markers and _has_markers(wire_args):
+                        args = _from_wire(wire_args)
+                    else:
+                        args = wire_args
+                    try:
+                        result = await host(op, args)
+                    except HostError as exc:
+                        payload = _dumps_acyclic([req_id, 0, str(exc.name), str(exc.message)])
+                        self._settle(_SETTLE, payload, deadline)
+                    else:
+                        if _monotonic() > deadline:
+                            raise self._time_limit()
+                        self._settle_result(req_id, op, result, deadline)
                     self._drain_jobs(deadline)
-            elif self._drain_jobs(deadline):
-                pass  # jobs ran: the state changed, ask again
-            elif kind == "D":
-                return self._outcome(data)
-            elif kind == "U":
-                return CallOutcome(
-                    error=(
-                        "UnsettledError",
-                        "the call's promise never settled: no job, host request "
-                        "or timer was left to settle it",
-                    ),
-                    virtual_ms=int(data[0]),
-                )
+            elif (polled and (kind == "D" or kind == "U")) or not self._drain_jobs(deadline):
+                # No job is pending (a "D" or "U" POLL ran no script code, and
+                # the host polled with none pending): a final status is the
+                # outcome.
+                if kind == "D":
+                    return self._outcome(data)
+                if kind == "U":
+                    return CallOutcome(
+                        None,
+                        False,
+                        (
+                            "UnsettledError",
+                            "the call's promise never settled: no job, host request "
+                            "or timer was left to settle it",
+                        ),
+                        int(data[0]),
+                    )
             # "P" (pending), "T" (a timer fired or a request settled) and
             # every state after jobs ran: the prelude decides what is next.
             status = self._enter(_POLL, "", deadline)
+            polled = True
 
     def close(self) -> None:
         """Free the QuickJS context. The runtime cannot be used afterwards."""
@@ -568,14 +708,29 @@ class JSRuntime:
             return self._memory_limit_exceeded()
         return self._limit("EngineError", first or type(exc).__name__)
 
-    def _enter(self, cmd: int, payload: str, deadline: float, *extra: Any) -> str:
-        remaining = deadline - time.monotonic()
+    def _enter(self, cmd: int, payload: str, deadline: float) -> str:
+        remaining = deadline - _monotonic()
         if remaining <= 0:
             raise self._time_limit()
-        ctx = self._ctx
-        ctx.set_time_limit(remaining)
+        self._ctx.set_time_limit(remaining)
         try:
-            result = self._dispatch(cmd, payload, *extra)
+            result = self._dispatch(cmd, payload)
+        except (quickjs.JSException, quickjs.StackOverflow) as exc:
+            raise self._engine_exception(exc) from None
+        except Exception as exc:
+            raise self._limit("EngineError", f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(result, str):  # pragma: no cover - the prelude always returns text
+            raise self._limit("EngineError", "the prelude returned no status")
+        return result
+
+    def _enter_begin(self, begin_args: tuple[Any, ...], deadline: float) -> str:
+        """:meth:`_enter` with BEGIN and its arguments (see :func:`_begin_args`)."""
+        remaining = deadline - _monotonic()
+        if remaining <= 0:
+            raise self._time_limit()
+        self._ctx.set_time_limit(remaining)
+        try:
+            result = self._dispatch(_BEGIN, *begin_args)
         except (quickjs.JSException, quickjs.StackOverflow) as exc:
             raise self._engine_exception(exc) from None
         except Exception as exc:
@@ -587,14 +742,16 @@ class JSRuntime:
     def _drain_jobs(self, deadline: float) -> bool:
         """Run pending jobs until none is left; True when at least one ran."""
         ctx = self._ctx
+        set_time_limit = ctx.set_time_limit
+        execute_pending_job = ctx.execute_pending_job
         ran = False
         while True:
-            remaining = deadline - time.monotonic()
+            remaining = deadline - _monotonic()
             if remaining <= 0:
                 raise self._time_limit()
-            ctx.set_time_limit(remaining)
+            set_time_limit(remaining)
             try:
-                if not ctx.execute_pending_job():
+                if not execute_pending_job():
                     return ran
             except (quickjs.JSException, quickjs.StackOverflow) as exc:
                 raise self._engine_exception(exc) from None
@@ -602,38 +759,35 @@ class JSRuntime:
                 raise self._limit("EngineError", f"{type(exc).__name__}: {exc}") from exc
             ran = True
 
-    async def _serve(self, request: list[Any], host: HostHandler, deadline: float) -> None:
-        """Serve one host request and settle its promise in JS."""
-        req_id, op, wire_args = request
-        args = _from_wire(wire_args) if _has_markers(wire_args) else wire_args
-        try:
-            result = await host(op, args)
-        except HostError as exc:
-            payload = _dumps([req_id, 0, str(exc.name), str(exc.message)])
-            self._settle(_SETTLE, payload, deadline)
+    def _settle_result(self, req_id: Any, op: str, result: Any, deadline: float) -> None:
+        """Resolve request ``req_id``'s promise in JS with the host's ``result``."""
+        if result is None and type(req_id) is int:
+            self._settle(_SETTLE_NULL, str(req_id), deadline)
             return
-        if time.monotonic() > deadline:
-            raise self._time_limit()
         try:
             wire, marked = _to_wire(result)
-            payload = _dumps([req_id, 1, wire])
+            # _to_wire rebuilt every container, to a bounded depth: no cycle.
+            payload = _dumps_acyclic([req_id, 1, wire])
         except (EncodingError, TypeError, ValueError) as exc:
             raise EncodingError(f"the host's result for {op} is not JSON: {exc}") from exc
         self._settle(_SETTLE_WIRE if marked else _SETTLE, payload, deadline)
 
     def _settle(self, cmd: int, payload: str, deadline: float) -> None:
         status = self._enter(cmd, payload, deadline)
-        self._emit_logs(_decode(status[1:])[-1])
+        if status != "T[0]":  # "T[0]": no console lines
+            logs = _decode_at(status, 1)[-1]
+            if logs:
+                self._emit_logs(logs)
 
     def _outcome(self, data: list[Any]) -> CallOutcome:
         kind, payload, virtual_ms = data[0], data[1], int(data[2])
         if kind == 1:
-            return CallOutcome(value=payload, has_value=True, virtual_ms=virtual_ms)
+            return CallOutcome(payload, True, None, virtual_ms)
         if kind == 2:
             name, message = str(payload[0]), str(payload[1])
             self._check_engine_error(name, message)
-            return CallOutcome(error=(name, message), virtual_ms=virtual_ms)
-        return CallOutcome(virtual_ms=virtual_ms)
+            return CallOutcome(None, False, (name, message), virtual_ms)
+        return CallOutcome(None, False, None, virtual_ms)
 
     def _emit_logs(self, logs: Any) -> None:
         if not logs:
@@ -641,6 +795,15 @@ class JSRuntime:
         logger = self._logger
         for level, text in logs[: MAX_LOG_LINES + 1]:
             logger.log(_LOG_LEVELS.get(level, logging.INFO), "console.%s: %s", level, text)
+
+
+def _has_marker_text(text: str) -> bool:
+    """Whether a prelude status may hold a ``$bytes``/``$object`` marker.
+
+    Markers are object keys, written by JSON.stringify as ``"$bytes"`` and
+    ``"$object"`` (it never escapes ``$``), so a text without ``"$`` has none.
+    """
+    return '"$' in text
 
 
 def _has_markers(value: Any) -> bool:

@@ -234,6 +234,11 @@
   let encRoot = '';
   const LONE_SURROGATE_ESCAPE = /\\u[dD][89abcdefABCDEF]/;
   const RegExpTest = RegExpCtor.prototype.test;
+  // Whether JSON text may hold an escaped lone surrogate. The regular
+  // expression only runs on texts holding an escape at all, which are rare.
+  function mayHoldLoneSurrogate(text) {
+    return apply(strIndexOf, text, ['\\u']) >= 0 && apply(RegExpTest, LONE_SURROGATE_ESCAPE, [text]);
+  }
 
   function encFail(holder, key, reason) {
     let path = encRoot;
@@ -331,7 +336,7 @@
     encRoot = rootName;
     try {
       const text = JSONstringify(value, replacer);
-      if (text !== undefined && apply(RegExpTest, LONE_SURROGATE_ESCAPE, [text])) {
+      if (text !== undefined && mayHoldLoneSurrogate(text)) {
         // Maybe an escaped backslash followed by "ud8.."; look at the strings.
         const where = findLoneSurrogate(JSONparse(text), rootName);
         if (where !== null) {
@@ -1027,6 +1032,21 @@
   const pending = newMap(); // id -> [resolve, reject, convert]
   let outbox = list(); // wire texts "[id,op,args]"
 
+  // JSON text of a list the prelude built, when every item is a string, a
+  // finite number, a boolean or null: then JSON.stringify reads no toJSON and
+  // gives what encodeStrict would. Undefined for any other list.
+  function flatListText(args) {
+    for (let i = 0; i < args.length; i++) {
+      const v = args[i];
+      const t = typeof v;
+      if (t === 'string' || t === 'boolean' || v === null || (t === 'number' && v - v === 0)) continue;
+      return undefined;
+    }
+    return JSONstringify(args);
+  }
+
+  // `op` is one of the prelude's own operation names (plain ASCII, nothing to
+  // escape); `args` a prototype-less list.
   function request(op, args, convert) {
     if (phase !== PHASE_CALL) {
       return apply(PromiseReject, PromiseCtor, [makeError('UnavailableError',
@@ -1035,7 +1055,11 @@
     }
     let wire;
     try {
-      wire = encodeStrict(args, 'arguments', true);
+      wire = flatListText(args);
+      if (wire === undefined || mayHoldLoneSurrogate(wire)) {
+        // The general encoder; it fails the same way for a lone surrogate.
+        wire = encodeStrict(args, 'arguments', true);
+      }
     } catch (e) {
       return apply(PromiseReject, PromiseCtor, [e]);
     }
@@ -1046,25 +1070,30 @@
       rej = b;
     });
     const entry = list();
-    push(entry, res);
-    push(entry, rej);
-    push(entry, convert);
+    entry[0] = res;
+    entry[1] = rej;
+    entry[2] = convert;
     apply(MapSet, pending, [id, entry]);
-    push(outbox, '[' + id + ',' + JSONstringify(op) + ',' + wire + ']');
+    outbox[outbox.length] = '[' + id + ',"' + op + '",' + wire + ']';
     return promise;
   }
 
   function settleRequest(msg) {
     // msg: [id, 1, value] or [id, 0, name, message] for a HostError.
     const id = msg[0];
+    if (msg[1] !== 0) {
+      resolveRequest(id, msg[2]);
+      return;
+    }
     const entry = apply(MapGet, pending, [id]);
     if (entry === undefined) return;
     apply(MapDelete, pending, [id]);
-    if (msg[1] === 0) {
-      entry[1](makeError(StringCtor(msg[2]), StringCtor(msg[3])));
-      return;
-    }
-    let value = msg[2];
+    entry[1](makeError(StringCtor(msg[2]), StringCtor(msg[3])));
+  }
+  function resolveRequest(id, value) {
+    const entry = apply(MapGet, pending, [id]);
+    if (entry === undefined) return;
+    apply(MapDelete, pending, [id]);
     if (entry[2] !== null) {
       try {
         value = entry[2](value);
@@ -1077,6 +1106,7 @@
   }
 
   function normEncoding(opts, fallback) {
+    if (opts === undefined) return fallback; // every fallback is already normalised
     let enc = opts;
     if (opts !== null && typeof opts === 'object') enc = opts.encoding;
     if (enc === undefined || enc === null) enc = fallback;
@@ -1134,17 +1164,20 @@
   // a script could have put on Array.prototype or Object.prototype.
   function args1(a) {
     const l = list();
-    push(l, a);
+    l[0] = a;
     return l;
   }
   function args2(a, b) {
-    const l = args1(a);
-    push(l, b);
+    const l = list();
+    l[0] = a;
+    l[1] = b;
     return l;
   }
   function args3(a, b, c) {
-    const l = args2(a, b);
-    push(l, c);
+    const l = list();
+    l[0] = a;
+    l[1] = b;
+    l[2] = c;
     return l;
   }
   function trimArgs(args) {
@@ -1394,7 +1427,13 @@
       return 'X';
     }
     startCall(desc.value, exp, argsText === null ? [] : JSONparse(argsText));
-    if (settled && outbox.length === 0) {
+    if (outbox.length > 0) {
+      // The requests the call made before its first await go out at once. Jobs
+      // may still be pending: the host runs them and takes the requests they
+      // made (TAKE) before it serves any of these.
+      return status('R', takeRequests());
+    }
+    if (settled) {
       if (resultKind === 1 && clockAdvance === 0 && logs.length === 0 && logDropped === 0 &&
           timerCount === 0 && heap.length === 0) {
         return resultText; // fast path: the bare JSON text of the value
@@ -1404,14 +1443,18 @@
     return status('P', '');
   }
 
+  // JSON array of the queued request texts, in the order they were made; empties the outbox.
+  function takeRequests() {
+    const taken = outbox;
+    if (taken.length === 0) return '[]';
+    outbox = list();
+    let body = taken[0];
+    for (let i = 1; i < taken.length; i++) body += ',' + taken[i];
+    return '[' + body + ']';
+  }
+
   function poll() {
-    if (outbox.length > 0) {
-      const taken = outbox;
-      outbox = list();
-      let body = '';
-      for (let i = 0; i < taken.length; i++) body += (i ? ',' : '') + taken[i];
-      return status('R', '[' + body + ']');
-    }
+    if (outbox.length > 0) return status('R', takeRequests());
     if (settled) return doneStatus();
     if (timerCount > 0 && fireNextTimer()) return status('T', '');
     // Nothing can make progress: the promise will never settle.
@@ -1541,6 +1584,12 @@
         return status('T', '');
       case 7:
         settleRequest(JSONparse(payload, reviver));
+        return status('T', '');
+      case 8:
+        return status('R', takeRequests());
+      case 9:
+        // A request resolved to null; the payload is its id.
+        resolveRequest(NumberCtor(payload), null);
         return status('T', '');
       case 4:
         return load(payload);
