@@ -56,7 +56,20 @@ from .signed import CallReceipt
 from .verifier import Auditor, AuditReport, ReceiptCheck, check_receipt
 from .vm import BackendVM
 
+try:  # uvloop serves connections with less overhead than asyncio; it has no Windows build
+    import uvloop
+except ImportError:  # pragma: no cover - depends on the platform
+    uvloop = None  # type: ignore[assignment]
+
 T = TypeVar("T")
+
+
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop for the commands: uvloop's where it is installed, else asyncio's."""
+    if uvloop is not None:
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
 
 EXIT_FAILURE = 1
 
@@ -114,6 +127,8 @@ def expected_errors(error: type[CLIError] = CLIError) -> Iterator[None]:
 def _run(coro: Coroutine[Any, Any, T], *, error: type[CLIError] = CLIError) -> T:
     """Run ``coro`` in a fresh event loop; expected failures are raised as ``error``."""
     with expected_errors(error):
+        if uvloop is not None:
+            return uvloop.run(coro)
         return asyncio.run(coro)
 
 
@@ -421,7 +436,7 @@ class _LoopThread:
     """
 
     def __init__(self) -> None:
-        self._loop = asyncio.new_event_loop()
+        self._loop = _new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="libvms-repl", daemon=True
         )

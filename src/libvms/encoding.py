@@ -164,20 +164,21 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+# Built once: json.loads with options builds a new decoder on every call.
+_strict_decode = json.JSONDecoder(
+    parse_constant=_reject_constant, parse_int=_number, object_pairs_hook=_unique_object
+).decode
+
+
 def parse(data: bytes | str, *, max_bytes: int = MAX_ENTRY_BYTES) -> Any:
     """Parse JSON text strictly: no NaN/Infinity, no duplicate keys, bounded size and depth."""
     if len(data) > max_bytes:
         raise EncodingError(f"JSON text is {len(data)} bytes, more than the {max_bytes} allowed")
     try:
-        value = json.loads(
-            data,
-            parse_constant=_reject_constant,
-            parse_int=_number,
-            object_pairs_hook=_unique_object,
-        )
+        value = _strict_decode(data if isinstance(data, str) else data.decode("utf-8"))
     except EncodingError:
         raise
-    except (ValueError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise EncodingError(f"invalid JSON: {exc}") from exc
     check_value(value)
     return value

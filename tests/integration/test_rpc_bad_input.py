@@ -215,6 +215,29 @@ async def test_a_client_that_never_reads_does_not_block_others():
         await vm.close()
 
 
+async def test_a_connection_at_its_in_flight_bound_is_not_read_until_a_call_finishes():
+    vm, server, gate = await start(max_in_flight=2)
+    try:
+        async with aiohttp.ClientSession() as http, http.ws_connect(server.url()) as ws:
+            for i in range(4):
+                await ws.send_str(json.dumps({"jsonrpc": "2.0", "id": i, "method": "hold"}))
+            await ws.send_str(json.dumps({"jsonrpc": "2.0", "id": "hs", "method": "handshake"}))
+            await gate.entered.wait()
+            # Two calls are running (one in the oracle, one queued behind it): the
+            # server reads nothing more from this connection, so the handshake
+            # behind them cannot be answered before the first call is.
+            gate.opened.set()
+            replies = [await ws.receive_json() for _ in range(5)]
+        assert replies[0]["id"] != "hs"
+        assert sorted(str(r["id"]) for r in replies) == ["0", "1", "2", "3", "hs"]
+        assert all(r["result"] == "held" for r in replies if r["id"] != "hs")
+        assert vm.call_log.length >= 4
+    finally:
+        gate.opened.set()
+        await server.close()
+        await vm.close()
+
+
 async def raw_websocket(port):
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(

@@ -28,7 +28,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -129,8 +129,19 @@ class _Connection:
     ws: web.WebSocketResponse
     request: web.Request
     mount: _Mount
-    slots: asyncio.Semaphore
     handshake: dict[str, Any]
+    #: Calls of this connection still running.
+    in_flight: int = 0
+    #: Set while the reader waits for a call to finish (``in_flight`` at the bound).
+    room: asyncio.Future[None] | None = None
+
+    def call_done(self, _task: object = None) -> None:
+        self.in_flight -= 1
+        room = self.room
+        if room is not None:
+            self.room = None
+            if not room.done():
+                room.set_result(None)
 
 
 class RPCServer:
@@ -448,18 +459,30 @@ class RPCServer:
         )
         await ws.prepare(request)
         conn = _Connection(
-            ws=ws,
-            request=request,
-            mount=mount,
-            slots=asyncio.Semaphore(self.max_in_flight),
-            handshake=self._handshake(request, mount),
+            ws=ws, request=request, mount=mount, handshake=self._handshake(request, mount)
         )
         mount.connections.add(conn)
+        loop = asyncio.get_running_loop()
+        tasks = self._tasks
+        max_in_flight = self.max_in_flight
         try:
             async for msg in ws:
                 if msg.type is WSMsgType.TEXT:
-                    if not await self._on_text(conn, msg.data):
+                    call = await self._on_text(conn, msg.data)
+                    if call is False:
                         break
+                    if call is not None:
+                        # The call runs in its own task, so that calls arriving
+                        # together (from this or other connections) share one commit.
+                        if conn.in_flight >= max_in_flight:
+                            # Stop reading until one finishes: TCP back-pressure.
+                            conn.room = loop.create_future()
+                            await conn.room
+                        conn.in_flight += 1
+                        task = loop.create_task(self._call(conn, call))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                        task.add_done_callback(conn.call_done)
                 elif msg.type is WSMsgType.BINARY:
                     await self._close_connection(
                         conn,
@@ -486,8 +509,8 @@ class RPCServer:
             if transport is not None:
                 transport.abort()
 
-    async def _on_text(self, conn: _Connection, text: str) -> bool:
-        """Handle one text message; False once the connection must close."""
+    async def _on_text(self, conn: _Connection, text: str) -> Request | Literal[False] | None:
+        """Handle one text message: the call to run, None if answered here, False to close."""
         limit = self.max_message_bytes
         if len(text) > limit and len(text.encode("utf-8", "surrogatepass")) > limit:
             await self._close_connection(
@@ -503,7 +526,7 @@ class RPCServer:
                 ErrorCode.INVALID_REQUEST,
             ):
                 await self._send(conn, request.to_text())
-            return True
+            return None
         if request.method == HANDSHAKE:
             if request.params:
                 reply = protocol.error_text(
@@ -513,11 +536,8 @@ class RPCServer:
                 reply = protocol.result_text(request.id, conn.handshake)
             if not request.notification:
                 await self._send(conn, reply)
-            return True
-        await conn.slots.acquire()
-        task = self._spawn(self._call(conn, request))
-        task.add_done_callback(lambda _t: conn.slots.release())
-        return True
+            return None
+        return request
 
     async def _send(self, conn: _Connection, text: str) -> None:
         ws = conn.ws
