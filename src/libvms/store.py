@@ -224,12 +224,19 @@ class Store:
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append(waiter)
         if self.path is not None:
-            if self._inflight is None:
+            commit = self._inflight
+            if commit is None:
                 # The writer is free: start a commit now, not when this task
-                # yields. The calls already queued on the event loop then run
-                # while its fsync does, and go into the next commit, which starts
-                # when the writer thread reports back. (Polling for that report
-                # here as well gives smaller commits and lower throughput.)
+                # yields, so the calls already queued on the event loop run while
+                # its fsync does.
+                self._pump(loop)
+            elif commit.done.done() and len(self._waiters) >= len(commit.waiters):
+                # The writer has finished, but its report waits behind the calls
+                # queued on the loop. Once as many calls wait as that commit
+                # held, take it and start the next: consecutive commits stay
+                # about equal, each half's execution overlapping the other's
+                # fsync. (Starting whatever is staged at once makes commits
+                # small and slower; waiting for the report makes them lopsided.)
                 self._pump(loop)
         elif not self._pump_scheduled:
             # Memory costs nothing to wait for: let every call that is ready to
@@ -250,7 +257,7 @@ class Store:
         """Finish the commit in flight if it is done; start the next if anyone waits.
 
         Runs when the writer thread reports a commit done, when a memory store's
-        calls have staged, and on a flush that finds the writer free.
+        calls have staged, and on a flush that finds the writer free or finished.
         """
         self._pump_scheduled = False
         while True:
@@ -278,7 +285,8 @@ class Store:
         waiters, self._waiters = self._waiters, []
         batch = self._take_batch()
         if batch and self.path is not None:
-            return _Commit(waiters, True, self._executor.submit(self._commit, batch))
+            statements = list(_statements(batch))  # prepared here: the writer thread only runs them
+            return _Commit(waiters, True, self._executor.submit(self._run, statements))
         done: Future[None] = Future()
         try:
             if batch:
@@ -318,11 +326,14 @@ class Store:
             after()
 
     def _commit(self, batch: list[Write]) -> None:
+        self._run(list(_statements(batch)))
+
+    def _run(self, statements: list[tuple[str, Sequence[Any]]]) -> None:
         with self._lock:
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for sql, params in _statements(batch):
+                for sql, params in statements:
                     conn.execute(sql, params)
                 conn.execute("COMMIT")
             except BaseException:
