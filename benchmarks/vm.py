@@ -119,15 +119,15 @@ class CommitTimer:
     def __init__(self, store: Store) -> None:
         self.count = 0
         self.seconds = 0.0
-        inner = store._commit
+        inner = store._run  # what the writer thread runs: one transaction and its fsync
 
-        def timed(batch: Any) -> None:
+        def timed(statements: Any) -> None:
             start = time.perf_counter()
-            inner(batch)
+            inner(statements)
             self.seconds += time.perf_counter() - start
             self.count += 1
 
-        store._commit = timed  # type: ignore[method-assign]
+        store._run = timed  # type: ignore[method-assign]
 
     def reset(self) -> None:
         self.count = 0

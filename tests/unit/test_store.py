@@ -18,12 +18,15 @@ INSERT = "INSERT INTO t (k, v) VALUES (?, ?)"
 REPLACE = "INSERT OR REPLACE INTO t (k, v) VALUES (?, ?)"
 IGNORE = "INSERT OR IGNORE INTO t (k, v) VALUES (?, ?)"
 UPDATE = "UPDATE t SET v = v || ? WHERE k = ?"
+U_INSERT = "INSERT INTO u (k, v) VALUES (?, ?)"
+U_IGNORE = "INSERT OR IGNORE INTO u (k, v) VALUES (?, ?)"
+INSERTS = [INSERT, REPLACE, IGNORE, U_INSERT, U_IGNORE]
 
 rows = st.tuples(st.integers(0, 30), st.text(max_size=3))
 writes = st.lists(
     st.one_of(
-        st.tuples(st.sampled_from([REPLACE, IGNORE]), rows, st.just(False)),
-        st.tuples(st.sampled_from([REPLACE, IGNORE]), st.lists(rows, max_size=300), st.just(True)),
+        st.tuples(st.sampled_from(INSERTS), rows, st.just(False)),
+        st.tuples(st.sampled_from(INSERTS), st.lists(rows, max_size=300), st.just(True)),
         st.tuples(
             st.just(UPDATE), st.tuples(st.text(max_size=2), st.integers(0, 30)), st.just(False)
         ),
@@ -32,20 +35,53 @@ writes = st.lists(
 )
 
 
-def _table(statements: Any) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(":memory:")
+def _outcome(statements: Any) -> Any:
+    """Both tables' rows after running ``statements`` in one transaction, or "failed"."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
     conn.execute(SCHEMA)
-    for sql, params in statements:
-        conn.execute(sql, params)
-    return conn.execute("SELECT k, v FROM t ORDER BY k").fetchall()
+    conn.execute(SCHEMA.replace(" t ", " u "))
+    conn.execute("BEGIN")
+    try:
+        for sql, params in statements:
+            conn.execute(sql, params)
+    except sqlite3.IntegrityError:
+        return "failed"
+    conn.execute("COMMIT")
+    return [conn.execute(f"SELECT k, v FROM {t} ORDER BY k").fetchall() for t in "tu"]
+
+
+def _table(statements: Any) -> list[tuple[Any, ...]]:
+    result = _outcome(statements)
+    assert result != "failed"
+    return result[0]
 
 
 @given(batch=writes)
-def test_merged_statements_write_what_the_writes_one_by_one_would(batch: list[Write]) -> None:
+def test_merged_statements_do_what_the_writes_one_by_one_would(batch: list[Write]) -> None:
     one_by_one = [
         (sql, row) for sql, params, many in batch for row in (params if many else [params])
     ]
-    assert _table(_statements(batch)) == _table(one_by_one)
+    assert _outcome(_statements(batch)) == _outcome(one_by_one)
+
+
+def test_inserts_into_other_tables_merge_across_each_other() -> None:
+    batch: list[Write] = []
+    for k in range(8):  # what a write call stages: blob, archive entry, log entry
+        batch += [(U_IGNORE, (k, "blob"), False), (INSERT, (k, "a"), False)]
+    batch.append((REPLACE, (100, "checkpoint"), False))  # other text into t: ends the merges
+    batch.append((U_IGNORE, (100, "late"), False))
+    statements = list(_statements(batch))
+    assert [(sql, len(params) // 2) for sql, params in statements] == [
+        (_merged_text(U_IGNORE, 8), 8),
+        (_merged_text(INSERT, 8), 8),
+        (REPLACE, 1),
+        (U_IGNORE, 1),
+    ]
+
+
+def _merged_text(sql: str, rows: int) -> str:
+    head, _, row = sql.partition("VALUES ")
+    return head + "VALUES " + ", ".join([row] * rows)
 
 
 def test_runs_of_one_insert_become_few_statements() -> None:
