@@ -81,10 +81,15 @@ class Sizes:
     concurrent: int  # calls per round, spread over CONCURRENT callers
     replays: tuple[int, ...]  # calls in the logs that are replayed
     parts: int  # repetitions of each per-call cost measurement
+    archive_files: int  # files in the archive that large-archive writes go into
 
 
-FULL = Sizes(sequential=500, concurrent=8_000, replays=(10_000, 100_000), parts=20_000)
-QUICK = Sizes(sequential=150, concurrent=2_000, replays=(1_000, 10_000), parts=5_000)
+FULL = Sizes(
+    sequential=500, concurrent=8_000, replays=(10_000, 100_000), parts=20_000, archive_files=20_000
+)
+QUICK = Sizes(
+    sequential=150, concurrent=2_000, replays=(1_000, 10_000), parts=5_000, archive_files=2_000
+)
 
 
 # --- workloads ---------------------------------------------------------------------------------
@@ -221,6 +226,50 @@ async def bench_memory_vm(sizes: Sizes) -> None:
             )
         finally:
             await vm.close()
+
+
+# --- large archives ----------------------------------------------------------------------------
+
+KEYS_SCRIPT = """
+exports.init = async () => { await System.files.mkdir('/keys') }
+exports.put = async (name, value) => { await System.files.writeFile('/keys/' + name, value) }
+"""
+
+
+async def bench_large_archive(root: Path, sizes: Sizes) -> None:
+    """Write calls into an archive that already holds many files: their cost must not grow
+    with it (a write rehashes O(log n) nodes of the state root; a new file shifts the
+    leaves after it)."""
+    files = sizes.archive_files
+    vm = BackendVM(KEYS_SCRIPT)
+    await vm.deploy(dir=root / "keys", title="bench")
+    try:
+        names = [f"k{(i * 7_919) % files:08d}" for i in range(files)]  # scattered order
+        for start in range(0, files, 1_000):
+            chunk = names[start : start + 1_000]
+            await asyncio.gather(*(vm.execute_call("put", [name, "v1"]) for name in chunk))
+        for label, new_names in (
+            ("overwrite an existing file", [names[(i * 31) % files] for i in range(files)]),
+            ("create a new file", [f"k{(i * 7_919) % files:08d}x" for i in range(files)]),
+        ):
+            count = min(files, sizes.concurrent)
+            start_time = time.perf_counter()
+
+            async def writer(k: int, batch: list[str] = new_names[:count]) -> None:
+                for name in batch[k::CONCURRENT]:
+                    await vm.execute_call("put", [name, "v2"])
+
+            await asyncio.gather(*(writer(k) for k in range(CONCURRENT)))
+            rate = count / (time.perf_counter() - start_time)
+            record(
+                f"write: {CONCURRENT} callers, archive of {files:,} files, {label}",
+                rate,
+                "calls/s",
+                note="durable; compare with the one-file write above",
+            )
+    finally:
+        await vm.close()
+    shutil.rmtree(root / "keys", ignore_errors=True)
 
 
 # --- per-call costs ----------------------------------------------------------------------------
@@ -430,6 +479,7 @@ async def run(sizes: Sizes, profile: bool) -> None:
     with scratch_dir() as root:
         await bench_throughput(root, sizes)
         await bench_memory_vm(sizes)
+        await bench_large_archive(root, sizes)
         await bench_parts(sizes)
         await bench_replay(root, sizes, profile)
         if profile:

@@ -331,36 +331,42 @@ class MerkleTree:
 
 
 class MerkleMap:
-    """Leaf hashes kept in key order, with the root MTH of the leaves in that order.
+    """Leaf hashes by string key, with a root that commits to the whole map.
 
-    The files archive's state root (docs/formats.md) is this root over one leaf per
-    path. It keeps every perfect-subtree hash, so changing the leaf of a key that
-    exists rehashes only the O(log n) subtrees above it; adding or removing a key
-    shifts every leaf after it and rehashes about one node per shifted leaf.
+    The root is that of a binary trie on the keys' SHA-256 digests (the files
+    archive's state root, docs/formats.md §9): for the keys whose digests share
+    their first ``d`` bits,
+
+    * none: the empty root ``SHA-256("")``;
+    * one: that key's leaf hash;
+    * more: ``SHA-256(0x01 || R0 || R1)``, where ``R0`` and ``R1`` are the roots of
+      those whose bit ``d`` (most significant bit first) is 0 and 1.
+
+    The root depends only on the map's content, never on the order of changes, and
+    a change rehashes the O(log n) tries on its key's path: the others are cached.
     """
 
-    __slots__ = ("_dirty", "_dirty_from", "_keys", "_levels", "_root")
+    __slots__ = ("_by_digest", "_cache", "_digests", "_keys", "_leaves", "_root")
 
     def __init__(self) -> None:
-        self._keys: list[str] = []
-        self._levels: list[list[bytes]] = [[]]  # level 0: the leaves, in key order
-        # Every node at or after this leaf position is stale (leaves shifted there)...
-        self._dirty_from = 0
-        # ...and so are the nodes above these positions, whose leaves changed in place.
-        self._dirty: set[int] = set()
+        self._leaves: dict[str, bytes] = {}
+        self._by_digest: dict[bytes, bytes] = {}  # key digest -> leaf hash
+        self._keys: list[str] = []  # sorted, for prefix queries
+        self._digests: list[bytes] = []  # sorted
+        # (depth, prefix) -> root of a trie of two keys or more. A change to a key
+        # drops the entries on its path, so every entry here is current.
+        self._cache: dict[tuple[int, int], bytes] = {}
         self._root: bytes | None = EMPTY_ROOT
 
     def __len__(self) -> int:
         return len(self._keys)
 
     def __contains__(self, key: object) -> bool:
-        return self.get(key) is not None  # type: ignore[arg-type]
+        return key in self._leaves
 
     def get(self, key: str) -> bytes | None:
         """The leaf hash of ``key``, or None."""
-        keys = self._keys
-        i = bisect.bisect_left(keys, key)
-        return self._levels[0][i] if i < len(keys) and keys[i] == key else None
+        return self._leaves.get(key)
 
     def keys(self) -> list[str]:
         """Every key, in order."""
@@ -378,81 +384,80 @@ class MerkleMap:
     def set(self, key: str, leaf: bytes) -> None:
         """Give ``key`` the leaf hash ``leaf``, adding the key if it is new."""
         _check_hash(leaf, "leaf hash")
-        keys, leaves = self._keys, self._levels[0]
-        i = bisect.bisect_left(keys, key)
-        if i < len(keys) and keys[i] == key:
-            if leaves[i] == leaf:
-                return
-            leaves[i] = bytes(leaf)
-            if i < self._dirty_from:
-                self._dirty.add(i)
-        else:
-            keys.insert(i, key)
-            leaves.insert(i, bytes(leaf))
-            self._dirty_from = min(self._dirty_from, i)
-        self._root = None
+        old = self._leaves.get(key)
+        if old == leaf:
+            return
+        digest = _key_digest(key)
+        if old is None:
+            bisect.insort(self._keys, key)
+            bisect.insort(self._digests, digest)
+        self._leaves[key] = self._by_digest[digest] = bytes(leaf)
+        self._forget_path(digest)
 
     def delete(self, key: str) -> None:
         """Remove ``key``; :class:`KeyError` if it is absent."""
-        keys = self._keys
-        i = bisect.bisect_left(keys, key)
-        if i == len(keys) or keys[i] != key:
-            raise KeyError(key)
-        del keys[i]
-        del self._levels[0][i]
-        self._dirty_from = min(self._dirty_from, i)
-        self._root = None
+        del self._leaves[key]
+        digest = _key_digest(key)
+        del self._by_digest[digest]
+        self._forget_path(digest)
+        del self._keys[bisect.bisect_left(self._keys, key)]
+        del self._digests[bisect.bisect_left(self._digests, digest)]
 
     def copy(self) -> MerkleMap:
         """An independent copy."""
         other = MerkleMap.__new__(MerkleMap)
+        other._leaves = dict(self._leaves)
+        other._by_digest = dict(self._by_digest)
         other._keys = list(self._keys)
-        other._levels = [list(level) for level in self._levels]
-        other._dirty_from = self._dirty_from
-        other._dirty = set(self._dirty)
+        other._digests = list(self._digests)
+        other._cache = dict(self._cache)
         other._root = self._root
         return other
 
     def root(self) -> bytes:
-        """MTH of the leaves in key order (RFC 9162 §2.1.1); the empty tree's root if none."""
+        """The trie root described above; the empty root when the map is empty."""
         if self._root is None:
-            self._rehash()
-            levels, n = self._levels, len(self._keys)
-            pieces: list[bytes] = []
-            lo = 0
-            while lo < n:
-                height = (n - lo).bit_length() - 1
-                pieces.append(levels[height][lo >> height])
-                lo += 1 << height
-            self._root = _fold_right(pieces) if pieces else EMPTY_ROOT
+            self._root = self._subtree(0, 0, 0, len(self._digests))
         return self._root
 
-    def _rehash(self) -> None:
-        levels, n = self._levels, len(self._keys)
-        start = self._dirty_from
-        points = {p for p in self._dirty if p < start}
-        sha, prefix = _sha256, _NODE_PREFIX
-        height = 0
-        while n >> (height + 1):
-            below = levels[height]
-            if height + 1 == len(levels):
-                levels.append([])
-            level = levels[height + 1]
-            count = n >> (height + 1)
-            start >>= 1
-            # The shifted tail: recompute every node from `start` on.
-            del level[start:]
-            level.extend(
-                sha(prefix + below[2 * j] + below[2 * j + 1]).digest() for j in range(start, count)
-            )
-            # Leaves changed in place: recompute the one parent of each.
-            points = {p >> 1 for p in points if p >> 1 < start}
-            for j in points:
-                level[j] = sha(prefix + below[2 * j] + below[2 * j + 1]).digest()
-            height += 1
-        del levels[height + 1 :]
-        self._dirty_from = n
-        self._dirty = set()
+    def _forget_path(self, digest: bytes) -> None:
+        """Drop the cached tries on ``digest``'s path (it must be in the sorted digests).
+
+        They are the ones that hold it and its nearest neighbour: deeper on its
+        path it is alone, and a trie of one key is never cached.
+        """
+        self._root = None
+        digests, value = self._digests, int.from_bytes(digest, "big")
+        i = bisect.bisect_left(digests, digest)
+        shared = 0  # how many leading bits the digest shares with its nearest neighbour
+        for j in (i - 1, i + 1 if i < len(digests) and digests[i] == digest else i):
+            if 0 <= j < len(digests):
+                other = int.from_bytes(digests[j], "big")
+                shared = max(shared, 256 - (value ^ other).bit_length())
+        cache = self._cache
+        for depth in range(min(shared, 255) + 1):
+            cache.pop((depth, value >> (256 - depth)), None)
+
+    def _subtree(self, depth: int, prefix: int, lo: int, hi: int) -> bytes:
+        """Root of the digests ``[lo, hi)``, which all begin with the ``depth`` bits ``prefix``."""
+        if hi - lo < 2:
+            return self._by_digest[self._digests[lo]] if hi > lo else EMPTY_ROOT
+        cached = self._cache.get((depth, prefix))
+        if cached is not None:
+            return cached
+        digests = self._digests
+        # The first digest in the range whose bit `depth` is 1.
+        boundary = (((prefix << 1) | 1) << (255 - depth)).to_bytes(32, "big")
+        mid = bisect.bisect_left(digests, boundary, lo, hi)
+        left = self._subtree(depth + 1, prefix << 1, lo, mid)
+        right = self._subtree(depth + 1, (prefix << 1) | 1, mid, hi)
+        node = _sha256(_NODE_PREFIX + left + right).digest()
+        self._cache[(depth, prefix)] = node
+        return node
+
+
+def _key_digest(key: str) -> bytes:
+    return _sha256(key.encode("utf-8", "surrogatepass")).digest()
 
 
 def root_from_inclusion(leaf_hash: bytes, index: int, size: int, proof: Sequence[bytes]) -> bytes:

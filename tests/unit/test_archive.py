@@ -1,3 +1,5 @@
+import hashlib
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -121,15 +123,24 @@ async def test_checkout_shows_an_older_version():
 
 
 def spec_state_root(files: dict[str, tuple[str, bytes | None]]) -> str:
-    """The state root exactly as docs/formats.md defines it, written independently."""
+    """The state root exactly as docs/formats.md §9 defines it, written independently."""
     leaves = []
-    for path in sorted(files, key=lambda p: p.encode()):
-        kind, content = files[path]
+    for path, (kind, content) in files.items():
         obj = {"path": path, "type": kind}
         if content is not None:
             obj["hash"] = sha256_hex(content)
-        leaves.append(merkle.leaf_hash(canonical(obj)))
-    return merkle.root_of(leaves).hex()
+        digest = int.from_bytes(hashlib.sha256(path.encode()).digest(), "big")
+        leaves.append((digest, merkle.leaf_hash(canonical(obj))))
+
+    def trie(items, depth):
+        if len(items) < 2:
+            return items[0][1] if items else hashlib.sha256(b"").digest()
+        bit = 255 - depth
+        zero = [i for i in items if not (i[0] >> bit) & 1]
+        one = [i for i in items if (i[0] >> bit) & 1]
+        return hashlib.sha256(b"\x01" + trie(zero, depth + 1) + trie(one, depth + 1)).digest()
+
+    return trie(leaves, 0).hex()
 
 
 names = st.sampled_from(["a", "b", "c", "é", "Z", "a b"])
@@ -345,3 +356,28 @@ async def test_recursive_rmdir_removes_every_descendant_in_and_out_of_a_transact
     await archive.rmdir("/a", recursive=True)
     await _assert_shows(archive, left)
     await archive.close()
+
+
+def test_the_worked_state_root_example_of_the_formats_document():
+    tree = merkle.MerkleMap()
+    for obj in (
+        {"path": "/docs", "type": "dir"},
+        {
+            "hash": "b6a98d9ce9a2d9149288fa3df42d377c3e42737afdcdaf714e33c0a100b51060",
+            "path": "/docs/a.txt",
+            "type": "file",
+        },
+        {
+            "hash": "853ff93762a06ddbf722c4ebe9ddd66d8f63ddaea97f521c3ecc20da7c976020",
+            "path": "/hello.txt",
+            "type": "file",
+        },
+    ):
+        tree.set(obj["path"], merkle.leaf_hash(canonical(obj)))
+    expected = "314c9beb28c5b43cbc0087c0a5ebb2163a23a08a81cd3ea6662055a38afe57f4"
+    assert tree.root().hex() == expected
+    files = {"/docs": ("dir", None)}
+    assert (
+        spec_state_root(files)
+        == merkle.leaf_hash(canonical({"path": "/docs", "type": "dir"})).hex()
+    )

@@ -694,6 +694,24 @@ def test_outputs_are_bytes() -> None:
     assert type(tree.root(3)) is bytes
 
 
+def naive_trie_root(leaves: dict[str, bytes]) -> bytes:
+    """The state-root trie of docs/formats.md §9, written independently of MerkleMap."""
+
+    def bits(key: str) -> str:
+        return "".join(f"{byte:08b}" for byte in hashlib.sha256(key.encode()).digest())
+
+    def node(items: list[tuple[str, bytes]], depth: int) -> bytes:
+        if not items:
+            return hashlib.sha256(b"").digest()
+        if len(items) == 1:
+            return items[0][1]
+        zero = [item for item in items if item[0][depth] == "0"]
+        one = [item for item in items if item[0][depth] == "1"]
+        return hashlib.sha256(b"\x01" + node(zero, depth + 1) + node(one, depth + 1)).digest()
+
+    return node([(bits(k), v) for k, v in leaves.items()], 0)
+
+
 map_ops = st.lists(
     st.tuples(
         st.sampled_from(["set", "set", "delete", "root"]),
@@ -706,7 +724,7 @@ map_ops = st.lists(
 
 @hsettings(150)
 @given(ops=map_ops)
-def test_merkle_map_root_is_the_root_of_its_leaves_in_key_order(
+def test_merkle_map_root_is_the_trie_root_of_its_content(
     ops: list[tuple[str, str, bytes]],
 ) -> None:
     tree = MerkleMap()
@@ -724,16 +742,47 @@ def test_merkle_map_root_is_the_root_of_its_leaves_in_key_order(
                 with pytest.raises(KeyError):
                     tree.delete(key)
         else:
-            assert tree.root() == root_of([model[k] for k in sorted(model)])
+            assert tree.root() == naive_trie_root(model)
             snapshots.append((tree.copy(), dict(model)))
         assert len(tree) == len(model)
-    assert tree.root() == root_of([model[k] for k in sorted(model)])
+    assert tree.root() == naive_trie_root(model)
     assert tree.keys() == sorted(model)
     for key in {k for _, k, _ in ops}:
         assert tree.get(key) == model.get(key)
+        assert (key in tree) == (key in model)
         assert tree.keys_with_prefix(key) == [k for k in sorted(model) if k.startswith(key)]
     for copy, old in snapshots:  # copies are unaffected by later changes
-        assert copy.root() == root_of([old[k] for k in sorted(old)])
+        assert copy.root() == naive_trie_root(old)
+
+
+@hsettings(30)
+@given(keys=st.lists(st.text(max_size=6), unique=True, max_size=40), data=st.data())
+def test_merkle_map_root_does_not_depend_on_the_order_of_changes(
+    keys: list[str], data: st.DataObject
+) -> None:
+    leaves = {k: hashlib.sha256(k.encode()).digest() for k in keys}
+    a, b = MerkleMap(), MerkleMap()
+    for k in keys:
+        a.set(k, leaves[k])
+    for k in data.draw(st.permutations(keys)):
+        b.set(k, b"\x00" * 32)  # a first value, changed below
+        b.root()
+    for k in data.draw(st.permutations(keys)):
+        b.set(k, leaves[k])
+    assert a.root() == b.root() == naive_trie_root(leaves)
+
+
+def test_merkle_map_small_cases() -> None:
+    tree = MerkleMap()
+    assert tree.root() == EMPTY_ROOT
+    leaf = hashlib.sha256(b"x").digest()
+    tree.set("/a", leaf)
+    assert tree.root() == leaf  # one key: its leaf
+    tree.set("/b", leaf)
+    assert tree.root() == naive_trie_root({"/a": leaf, "/b": leaf})
+    tree.delete("/a")
+    tree.delete("/b")
+    assert tree.root() == EMPTY_ROOT
 
 
 def test_merkle_map_rejects_bad_leaves() -> None:
