@@ -10,7 +10,8 @@ With ``key=Keypair`` every call is signed (see :mod:`libvms.signed`); the
 server's reply then carries a receipt, which the client checks before
 returning: the entry records exactly the signed request and the result
 received, and it is included in a checkpoint signed by the call log's key.
-Verified receipts are kept in :attr:`RPCClient.receipts`.
+The newest verified receipts (10,000 by default, see ``max_receipts``) are
+kept in :attr:`RPCClient.receipts`.
 
 One connection carries any number of concurrent calls. A script error is
 raised as :class:`~libvms.errors.VMCallError`, an aborted call as
@@ -24,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -40,6 +41,9 @@ from .protocol import HANDSHAKE, MAX_MESSAGE_BYTES, BackendInfo, Response
 
 #: Seconds to wait for the connection and the handshake.
 CONNECT_TIMEOUT = 10.0
+
+#: Default number of verified receipts a client keeps (the newest).
+MAX_RECEIPTS = 10_000
 
 # Verified checkpoints remembered, so a burst of receipts costs one signature check.
 _CHECKPOINT_CACHE = 16
@@ -61,6 +65,12 @@ class RPCClient:
     ``key`` (signed mode) signs every call, and the caller's id is
     ``key.user_id``. Exported functions are attributes once connected, unless a
     client attribute has the same name: use :meth:`call` for those.
+
+    In signed mode the verified receipt of each logged call is appended to
+    :attr:`receipts`, which keeps the newest ``max_receipts`` of them (10,000;
+    older ones are dropped): ``None`` keeps them all, ``0`` keeps none.
+    ``keep_receipts=False`` is the same as ``max_receipts=0``. Receipts are
+    verified whether they are kept or not.
     """
 
     def __init__(
@@ -74,7 +84,10 @@ class RPCClient:
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         heartbeat: float | None = 30.0,
         keep_receipts: bool = True,
+        max_receipts: int | None = MAX_RECEIPTS,
     ) -> None:
+        if max_receipts is not None and max_receipts < 0:
+            raise ValueError("max_receipts must be at least 0, or None for no bound")
         if key is not None and user is not None and user != key.user_id:
             raise ValueError("in signed mode the user id is the key's: leave user unset")
         self._url = url
@@ -85,8 +98,8 @@ class RPCClient:
         self.max_message_bytes = max_message_bytes
         self.heartbeat = heartbeat
         self.keep_receipts = keep_receipts
-        #: Verified receipts of signed calls, oldest first.
-        self.receipts: list[CallReceipt] = []
+        #: Verified receipts of signed calls, oldest first: the newest ``max_receipts``.
+        self.receipts: deque[CallReceipt] = deque(maxlen=max_receipts if keep_receipts else 0)
         self._info: BackendInfo | None = None
         self._session: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse[bool] | None = None
@@ -99,6 +112,11 @@ class RPCClient:
         self._checkpoints: OrderedDict[str, Checkpoint] = OrderedDict()
 
     # -- connection ------------------------------------------------------------
+
+    @property
+    def max_receipts(self) -> int | None:
+        """How many receipts :attr:`receipts` keeps (the newest); ``None``: all of them."""
+        return self.receipts.maxlen
 
     @property
     def url(self) -> str:
@@ -318,4 +336,4 @@ class RPCClient:
         return f"RPCClient({self._url!r}, {mode}, user={self.user!r})"
 
 
-__all__ = ["CONNECT_TIMEOUT", "RPCClient"]
+__all__ = ["CONNECT_TIMEOUT", "MAX_RECEIPTS", "RPCClient"]

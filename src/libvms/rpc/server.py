@@ -15,7 +15,9 @@ Calls from every connection go into the VM's one queue (:meth:`BackendVM.submit`
 Each request runs in its own task, so requests that arrive together share one
 commit; a reply is sent only once its entry is durable. Each connection has at
 most ``max_in_flight`` calls running; past that the server stops reading from it
-until one finishes, so a client that floods or never reads slows only itself.
+until one finishes, so a client that floods or never reads slows only itself;
+a reply that cannot be written within ``send_timeout`` (the client does not read
+its replies) closes that connection with code 1008.
 A client that goes away does not cancel its calls: they finish and are logged.
 ``docs/protocol.md`` is the full description.
 """
@@ -57,6 +59,9 @@ MAX_IN_FLIGHT = 128
 
 #: Seconds a closing handshake may take before the connection is dropped.
 CLOSE_TIMEOUT = 5.0
+
+#: Default seconds a reply may wait for the client to read before its connection is closed.
+SEND_TIMEOUT = 10.0
 
 # A mount path: "/" or "/" followed by segments of unreserved URL characters.
 _SEGMENT = re.compile(r"[A-Za-z0-9._~-]+")
@@ -134,6 +139,8 @@ class _Connection:
     in_flight: int = 0
     #: Set while the reader waits for a call to finish (``in_flight`` at the bound).
     room: asyncio.Future[None] | None = None
+    #: Set once a reply timed out and the connection is being closed for it.
+    stalled: bool = False
 
     def call_done(self, _task: object = None) -> None:
         self.in_flight -= 1
@@ -156,7 +163,11 @@ class RPCServer:
     * ``signature_window_ms``: how far a signed request's time may be from the
       server's clock;
     * ``allow_unsigned``: whether debug-mode (unsigned) calls are accepted;
-    * ``heartbeat``: seconds between pings; a client that does not answer is dropped.
+    * ``heartbeat``: seconds between pings; a client that does not answer is dropped;
+    * ``send_timeout``: seconds a reply may take to be written (10); a client that
+      does not read its replies for that long, so that the connection's write
+      buffer stays full, is closed with code 1008 (its calls still finish and are
+      logged). ``None`` waits for as long as the heartbeat keeps the connection up.
     """
 
     def __init__(
@@ -170,11 +181,14 @@ class RPCServer:
         signature_window_ms: int = DEFAULT_WINDOW_MS,
         allow_unsigned: bool = True,
         heartbeat: float | None = 30.0,
+        send_timeout: float | None = SEND_TIMEOUT,
     ) -> None:
         if max_message_bytes < 1024:
             raise ValueError("max_message_bytes must be at least 1024")
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
+        if send_timeout is not None and not send_timeout > 0:
+            raise ValueError("send_timeout must be positive, or None")
         self.host = host
         self._port = port
         self.max_message_bytes = max_message_bytes
@@ -182,6 +196,7 @@ class RPCServer:
         self.signature_window_ms = signature_window_ms
         self.allow_unsigned = allow_unsigned
         self.heartbeat = heartbeat
+        self.send_timeout = send_timeout
         self._mounts: dict[str, _Mount] = {}
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -499,14 +514,26 @@ class RPCServer:
         return ws
 
     async def _close_connection(self, conn: _Connection, code: int, reason: str) -> None:
+        """Send a close frame, wait up to CLOSE_TIMEOUT for the client's, then drop the TCP link.
+
+        The close is never cancelled: it may be waiting for the transport to drain,
+        a wait that the connection's pending replies share. Aborting the transport
+        ends it instead, and releases those replies too.
+        """
+        transport = conn.request.transport
+        deadline = None
+        if transport is not None:
+            deadline = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
         try:
-            await asyncio.wait_for(
-                conn.ws.close(code=code, message=reason.encode("utf-8")[:120]),
-                CLOSE_TIMEOUT,
-            )
-        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
-            transport = conn.request.transport
-            if transport is not None:
+            await conn.ws.close(code=code, message=reason.encode("utf-8")[:120])
+        except (ConnectionError, RuntimeError) as exc:
+            logger.debug("closing a connection failed: %s", exc)
+        finally:
+            if deadline is not None:
+                deadline.cancel()
+            # A client that did not read up to the close frame leaves bytes behind,
+            # which closing the transport would wait for forever.
+            if transport is not None and transport.get_write_buffer_size() > 0:
                 transport.abort()
 
     async def _on_text(self, conn: _Connection, text: str) -> Request | Literal[False] | None:
@@ -543,11 +570,40 @@ class RPCServer:
         ws = conn.ws
         if ws.closed:
             return
+        # Writing never blocks; what may wait is the drain that follows once the
+        # client lets the write buffer fill up. Past send_timeout the connection is
+        # closed, which ends the wait (nothing is cancelled: the drain is shared).
+        timeout = self.send_timeout
+        timer = None
+        if timeout is not None:
+            timer = asyncio.get_running_loop().call_later(timeout, self._send_timed_out, conn)
         try:
             await ws.send_str(text)
         except (ConnectionError, RuntimeError) as exc:
             # The client went away; its call is logged all the same.
             logger.debug("dropping a reply to a closed connection: %s", exc)
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _send_timed_out(self, conn: _Connection) -> None:
+        if conn.stalled or conn.ws.closed:
+            return
+        conn.stalled = True
+        logger.warning(
+            "closing the connection of %s to %s: a reply could not be sent within %g s "
+            "(the client does not read its replies)",
+            conn.request.remote,
+            conn.mount.path,
+            self.send_timeout,
+        )
+        self._spawn(
+            self._close_connection(
+                conn,
+                WSCloseCode.POLICY_VIOLATION,
+                f"replies not read within {self.send_timeout:g} s",
+            )
+        )
 
     async def _call(self, conn: _Connection, request: Request) -> None:
         try:
@@ -710,4 +766,4 @@ def _int_param(query: Any, name: str, default: int | None = None) -> int:
     return int(value)
 
 
-__all__ = ["MAX_IN_FLIGHT", "RPCServer", "normalize_mount_path"]
+__all__ = ["MAX_IN_FLIGHT", "SEND_TIMEOUT", "RPCServer", "normalize_mount_path"]
