@@ -5,6 +5,7 @@ Everything a user needs is importable from here; other modules may change.
 
 from .archive import DatArchive, FilesArchive
 from .errors import (
+    BlobNotFetchedError,
     InvalidPathError,
     LibVMSError,
     LimitExceeded,
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AuditReport",
     "BackendVM",
+    "BlobNotFetchedError",
     "CallLog",
     "DatArchive",
     "FilesArchive",

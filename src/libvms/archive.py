@@ -17,7 +17,7 @@ import binascii
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +26,7 @@ from typing import Any, Literal
 from . import encoding, merkle
 from .errors import (
     AlreadyExistsError,
+    BlobNotFetchedError,
     DirectoryNotEmptyError,
     InvalidPathError,
     IsADirectoryError_,
@@ -41,6 +42,13 @@ from .store import Store
 
 KEY_FILENAME = "files-archive.key"
 LEDGER_NAME = "files_archive"
+#: Meta key of a fetched copy: b"history" (every blob of every version fetched)
+#: or b"current" (the blobs of the files current at each fetch or refresh).
+FETCH_MODE_KEY = f"{LEDGER_NAME}.fetch"
+#: Table of a fetched copy: the hash of every blob it fetched and verified.
+FETCHED_TABLE = f"{LEDGER_NAME}_fetched"
+
+FetchMode = Literal["current", "history"]
 
 #: Longest accepted path (characters) and path component.
 MAX_PATH = 4096
@@ -441,6 +449,13 @@ class FilesArchive(_Reader):
         self._tree = _Tree()
         self._staged_blobs: dict[str, bytes] = {}
         self._blobs_in_commit: list[str] = []
+        self._fetch_mode: FetchMode | None = None
+        rows = self._store.query("SELECT value FROM meta WHERE key = ?", (FETCH_MODE_KEY,))
+        if rows:
+            mode = bytes(rows[0][0]).decode("ascii", "replace")
+            if mode not in ("current", "history"):
+                raise TamperError(f"unknown fetch mode {mode!r}", where=FETCH_MODE_KEY)
+            self._fetch_mode = "history" if mode == "history" else "current"
         self._store.add_commit_hook(self._before_commit, self._after_commit)
 
     def _before_commit(self) -> list[Any]:
@@ -514,21 +529,33 @@ class FilesArchive(_Reader):
         return archive
 
     @classmethod
-    async def fetch(cls, url: str, dir: str | Path | None = None) -> FilesArchive:
+    async def fetch(
+        cls, url: str, dir: str | Path | None = None, *, history: bool = False
+    ) -> FilesArchive:
         """A verified, read-only copy of the archive at ``url`` with its current files.
 
         Every entry is checked against the signed checkpoint and the key in the
-        URL, every blob against its hash: :class:`TamperError` otherwise.
+        URL, every blob against its hash: :class:`TamperError` otherwise. With
+        ``history=True`` the blob of every write in the ledger is fetched too,
+        so that every version can be checked out and read; without it, reading
+        an older version's file whose content was never fetched raises
+        :class:`~libvms.errors.BlobNotFetchedError`. The copy remembers its
+        mode: refreshing it keeps fetching history.
         """
         from .remote import fetch_files_archive
 
-        return await fetch_files_archive(url, dir)
+        return await fetch_files_archive(url, dir, history=history)
 
-    async def download(self, path: str = "/", dir: str | Path | None = None) -> None:
+    async def download(
+        self, path: str = "/", dir: str | Path | None = None, *, history: bool = False
+    ) -> None:
         """Fetch and verify the archive named by ``FilesArchive(url)``.
 
         Every file of the current version is downloaded (``path`` is checked and
-        kept for the seed's API). Calling it again brings the copy up to date.
+        kept for the seed's API), and with ``history=True`` the content of every
+        older version as well (see :meth:`fetch`). Calling it again brings the
+        copy up to date in the mode it was fetched with; ``history=True`` then
+        turns a copy of the current files into a copy with history.
         """
         normalize_path(path)
         if self._remote_url is None:
@@ -536,14 +563,47 @@ class FilesArchive(_Reader):
                 raise LibVMSError("this archive is not a fetched copy")
             from .remote import refresh
 
-            await refresh(self)
+            await refresh(self, history=history)
             return
-        fetched = await self.fetch(self._remote_url, dir)
+        fetched = await self.fetch(self._remote_url, dir, history=history)
         fetched._store.remove_commit_hook(fetched._before_commit)
         self._setup(fetched._ledger, fetched.dir, fetched.title)
         self._tree = fetched._tree
         self.location = fetched.location
+        self._fetch_mode = fetched._fetch_mode
         self._remote_url = None
+
+    @property
+    def fetch_mode(self) -> FetchMode | None:
+        """How this copy was fetched: ``"history"`` (every version's content),
+        ``"current"`` (the current files at each fetch or refresh), or None for an
+        archive written here (or a copy made before fetches were recorded)."""
+        return self._fetch_mode
+
+    def _stage_fetched(self, hashes: Iterable[str], mode: FetchMode) -> None:
+        """Record blobs fetched and verified into this copy, and its fetch mode."""
+        if mode != self._fetch_mode:
+            self._store.execute_now(
+                f"CREATE TABLE IF NOT EXISTS {FETCHED_TABLE} (hash BLOB PRIMARY KEY)"
+            )
+        rows = [(bytes.fromhex(h),) for h in hashes]
+        if rows:
+            self._store.stage_many(f"INSERT OR IGNORE INTO {FETCHED_TABLE} (hash) VALUES (?)", rows)
+        if mode != self._fetch_mode:
+            self._store.stage(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                (FETCH_MODE_KEY, mode.encode("ascii")),
+            )
+            self._fetch_mode = mode
+
+    def _was_fetched(self, content_hash: str) -> bool:
+        if self._fetch_mode is None:
+            # A copy made before fetches were recorded held the current files' blobs.
+            return any(n.hash == content_hash for n in self._tree.nodes.values())
+        rows = self._store.query(
+            f"SELECT 1 FROM {FETCHED_TABLE} WHERE hash = ?", (bytes.fromhex(content_hash),)
+        )
+        return bool(rows)
 
     def _tree_with(self, entries: Sequence[bytes]) -> _Tree:
         """The current tree with fetched ``entries`` applied, leaving the archive as it is."""
@@ -623,6 +683,13 @@ class FilesArchive(_Reader):
             "SELECT data FROM blobs WHERE hash = ?", (bytes.fromhex(content_hash),)
         )
         if not rows:
+            if self._ledger.keypair is None and not self._was_fetched(content_hash):
+                raise BlobNotFetchedError(
+                    f"blob {content_hash} was not fetched: this copy holds only the content "
+                    "of the files current when it was fetched or refreshed; fetch the "
+                    "archive with history=True to read older versions",
+                    hash=content_hash,
+                )
             raise TamperError(f"blob {content_hash} is missing", where=content_hash)
         data = rows[0][0]
         if not isinstance(data, bytes) or encoding.sha256_hex(data) != content_hash:

@@ -67,6 +67,21 @@ class NotFoundError(ArchiveError):
     name = "NotFoundError"
 
 
+class BlobNotFetchedError(NotFoundError):
+    """A fetched copy does not hold a file's content: it was fetched without history.
+
+    Such a copy holds the blobs of the files that were current when it was
+    fetched or refreshed; reading a file of an older version may need one it
+    never fetched. Fetch the archive with ``history=True`` to read every
+    version. ``hash`` is the missing blob's hex SHA-256. (A blob the copy did
+    fetch and no longer holds intact is a :class:`TamperError`.)
+    """
+
+    def __init__(self, message: str, *, hash: str) -> None:
+        super().__init__(message)
+        self.hash = hash
+
+
 class InvalidPathError(ArchiveError, ValueError):
     """The path is malformed: escapes the root, holds NUL, or has empty names."""
 
@@ -148,6 +163,7 @@ class RPCError(LibVMSError):
 __all__ = [
     "AlreadyExistsError",
     "ArchiveError",
+    "BlobNotFetchedError",
     "ConnectError",
     "DirectoryNotEmptyError",
     "EncodingError",

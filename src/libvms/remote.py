@@ -9,7 +9,8 @@ believe. Everything fetched is checked against that key before it is kept:
    size and root (RFC 9162);
 3. when extending a copy (:func:`refresh`), the new checkpoint must be
    consistent with the one already held (RFC 9162 §2.1.4 consistency proof);
-4. every blob of the archive's current files must hash to its name.
+4. every blob of the archive's current files (with ``history=True``: of every
+   write in its ledger) must hash to its name.
 
 Any mismatch raises :class:`~libvms.errors.TamperError` and nothing is kept;
 a server that cannot be reached, or answers with an HTTP error, raises
@@ -21,14 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
 
 import aiohttp
 
 from . import encoding, merkle
 from .archive import LEDGER_NAME as ARCHIVE_LEDGER
-from .archive import FilesArchive
+from .archive import FetchMode, FilesArchive
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import ConnectError, LibVMSError, TamperError
 from .keys import parse_ledger_url
@@ -166,12 +167,37 @@ async def _extend(source: _Source, ledger: Ledger) -> tuple[list[bytes], str] | 
     return entries, text
 
 
-async def _fetch_blobs(source: _Source, archive: FilesArchive) -> list[tuple[bytes, bytes]]:
-    """Fetch every blob of the archive's current files that its store lacks."""
+def _current_blobs(archive: FilesArchive) -> dict[str, int]:
+    """Hash -> size of every file of the archive's current tree."""
+    return {s.hash: s.size for s in archive.files().values() if s.hash is not None}
+
+
+def _written_blobs(entries: Iterable[bytes]) -> dict[str, int]:
+    """Hash -> size of every ``write`` among archive entries (already replayed, so valid)."""
     wanted: dict[str, int] = {}
-    for stat in archive.files().values():
-        if stat.hash is not None:
-            wanted[stat.hash] = stat.size
+    for data in entries:
+        entry = encoding.parse(data)
+        if not isinstance(entry, dict) or entry.get("type") != "write":
+            continue
+        content_hash, size = entry["hash"], entry["size"]
+        if wanted.setdefault(content_hash, size) != size:
+            raise TamperError(
+                f"archive entries give blob {content_hash} two sizes, "
+                f"{wanted[content_hash]} and {size}",
+                where=content_hash,
+            )
+    return wanted
+
+
+async def _fetch_blobs(
+    source: _Source, archive: FilesArchive, wanted: Mapping[str, int], mode: FetchMode
+) -> None:
+    """Fetch and verify the ``wanted`` blobs the archive's store lacks, then stage them.
+
+    The fetched blobs are recorded as such, with the copy's ``mode``, so that a
+    blob it never fetched can be told from one lost or altered since. Nothing is
+    staged unless every blob verifies.
+    """
     store = archive.ledger.store
     missing = [
         (h, size)
@@ -184,7 +210,14 @@ async def _fetch_blobs(source: _Source, archive: FilesArchive) -> list[tuple[byt
         async with slots:
             return bytes.fromhex(content_hash), await source.blob(content_hash, size)
 
-    return list(await asyncio.gather(*(one(h, s) for h, s in missing)))
+    rows = list(await asyncio.gather(*(one(h, s) for h, s in missing)))
+    if rows:
+        store.stage_many("INSERT OR IGNORE INTO blobs (hash, data) VALUES (?, ?)", rows)
+    # A copy that changes mode (a new copy, an upgrade to history, a copy made
+    # before fetches were recorded) records every wanted blob: the ones it
+    # already held were fetched and verified too. Otherwise, only the new ones.
+    recorded = wanted if archive.fetch_mode != mode else dict(missing)
+    archive._stage_fetched(sorted(recorded), mode)
 
 
 def _open_store(dir: str | Path | None) -> tuple[Store, Path | None]:
@@ -224,13 +257,20 @@ async def fetch_call_log(
 
 
 async def fetch_files_archive(
-    url: str, dir: str | Path | None = None, *, session: aiohttp.ClientSession | None = None
+    url: str,
+    dir: str | Path | None = None,
+    *,
+    history: bool = False,
+    session: aiohttp.ClientSession | None = None,
 ) -> FilesArchive:
     """Download and verify the files archive at ``url``, with its current files' blobs.
 
-    Returns a read-only :class:`FilesArchive` (into ``dir``, or memory). Blobs of
-    files that are no longer in the current tree are not fetched, so a
-    checkout of an older version may miss some.
+    Returns a read-only :class:`FilesArchive` (into ``dir``, or memory). By
+    default blobs of files that are no longer in the current tree are not
+    fetched, so reading an older version may raise
+    :class:`~libvms.errors.BlobNotFetchedError`. With ``history=True`` the blob
+    of every write in the ledger is fetched and verified (each once), so every
+    version can be read; the copy remembers this and :func:`refresh` keeps it.
     """
     location, public_key = _split_url(url)
     store, directory = _open_store(dir)
@@ -245,9 +285,10 @@ async def fetch_files_archive(
                 raise TamperError(f"{location} serves an empty files archive (no genesis)")
             ledger.extend_verified(*fetched)
             archive = FilesArchive._from_ledger(ledger, directory)
-            rows = await _fetch_blobs(source, archive)
-        if rows:
-            store.stage_many("INSERT OR IGNORE INTO blobs (hash, data) VALUES (?, ?)", rows)
+            if history:
+                await _fetch_blobs(source, archive, _written_blobs(fetched[0]), "history")
+            else:
+                await _fetch_blobs(source, archive, _current_blobs(archive), "current")
         await store.flush()
     except BaseException:
         if archive is not None:
@@ -264,6 +305,7 @@ async def refresh(
     ledger_owner: CallLog | FilesArchive,
     url: str | None = None,
     *,
+    history: bool = False,
     session: aiohttp.ClientSession | None = None,
 ) -> int:
     """Bring a fetched copy up to date with its source; returns how many entries were added.
@@ -271,11 +313,17 @@ async def refresh(
     ``url`` defaults to the copy's own ``location``. The server's latest
     checkpoint must be signed by the copy's key and be consistent with the
     tree held (RFC 9162 consistency proof); then only the new entries are
-    fetched, verified and appended (for an archive, with the new files' blobs).
+    fetched, verified and appended (for an archive, with the new files' blobs,
+    or, for a copy fetched with history, the blobs of every new write).
+    ``history=True`` makes an archive copy fetched without history a copy with
+    history, fetching the blobs of every earlier write too; a copy never loses
+    its history mode.
     """
     ledger = ledger_owner.ledger
     if ledger.keypair is not None:
         raise LibVMSError("this ledger is written here; only fetched copies can be refreshed")
+    if history and not isinstance(ledger_owner, FilesArchive):
+        raise ValueError("history applies to files archives only")
     if url is None:
         if ledger_owner.location is None:
             raise ValueError("this copy has no location: pass the ledger URL")
@@ -287,18 +335,28 @@ async def refresh(
     async with _session(session) as http:
         source = _Source(http, location)
         fetched = await _extend(source, ledger)
-        if fetched is None:
-            return 0
-        entries, text = fetched
-        rows: list[tuple[bytes, bytes]] = []
-        if isinstance(ledger_owner, FilesArchive):
-            tree = ledger_owner._tree_with(entries)
-            ledger.extend_verified(entries, text)
-            ledger_owner._tree = tree
-            rows = await _fetch_blobs(source, ledger_owner)
+        if not isinstance(ledger_owner, FilesArchive):
+            if fetched is None:
+                return 0
+            ledger.extend_verified(*fetched)
         else:
-            ledger.extend_verified(entries, text)
-    if rows:
-        store.stage_many("INSERT OR IGNORE INTO blobs (hash, data) VALUES (?, ?)", rows)
+            archive = ledger_owner
+            upgrade = history and archive.fetch_mode != "history"
+            if fetched is None and not upgrade:
+                return 0
+            entries: list[bytes] = []
+            if fetched is not None:
+                entries, text = fetched
+                tree = archive._tree_with(entries)
+                ledger.extend_verified(entries, text)
+                archive._tree = tree
+            if upgrade:
+                # Every write so far: the copy never fetched the older versions' blobs.
+                written = _written_blobs(ledger.raw_range(1, ledger.length))
+                await _fetch_blobs(source, archive, written, "history")
+            elif archive.fetch_mode == "history":
+                await _fetch_blobs(source, archive, _written_blobs(entries), "history")
+            else:
+                await _fetch_blobs(source, archive, _current_blobs(archive), "current")
     await store.flush()
-    return len(entries)
+    return 0 if fetched is None else len(fetched[0])
