@@ -53,7 +53,14 @@ from .keys import Keypair, parse_ledger_url
 from .log import CallLog
 from .rpc import RPCClient, RPCServer
 from .signed import CallReceipt
-from .verifier import Auditor, AuditReport, ReceiptCheck, check_receipt
+from .verifier import (
+    DEFAULT_MAX_OUTAGE,
+    Auditor,
+    AuditReport,
+    Outage,
+    ReceiptCheck,
+    check_receipt,
+)
 from .vm import BackendVM
 
 try:  # uvloop serves connections with less overhead than asyncio; it has no Windows build
@@ -950,6 +957,7 @@ async def _verify(
     pin_key: str | None,
     follow: bool,
     quiet: bool,
+    max_outage: float = DEFAULT_MAX_OUTAGE,
 ) -> AuditReport:
     try:
         _check_vm_url(url)
@@ -992,8 +1000,27 @@ async def _verify(
                 f"{checkpoint.get('size')}/{str(checkpoint.get('root'))[:12]}"
             )
 
+    def outage(event: Outage) -> None:
+        # On stderr even with --json, whose final report lists the outages too.
+        retries = f"{event.retries} {'retry' if event.retries == 1 else 'retries'}"
+        if event.recovered:
+            message = f"Reachable again after {event.duration:.1f} s ({retries})"
+        elif event.next_retry is None:
+            return  # giving up: the error itself is the last line
+        elif event.retries == 0:
+            message = (
+                f"Cannot reach the VM: {event.error}; retrying in {event.next_retry:.1f} s "
+                f"(giving up after {max_outage:g} s)"
+            )
+        else:
+            message = (
+                f"Still unreachable after {event.duration:.1f} s ({retries}); "
+                f"retrying in {event.next_retry:.1f} s"
+            )
+        click.echo(message, err=True)
+
     try:
-        return await auditor.follow(batch)
+        return await auditor.follow(batch, max_outage=max_outage, on_outage=outage)
     finally:
         await auditor.close()
 
@@ -1022,6 +1049,15 @@ def _write_evidence(file: Path | None, found: Evidence | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--follow", is_flag=True, help="Stay on as a live monitor of new calls.")
 @click.option(
+    "--max-outage",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_MAX_OUTAGE,
+    show_default=True,
+    metavar="SECONDS",
+    help="With --follow: how long to keep retrying a server that stops answering "
+    "before exiting 2 (0: exit at once).",
+)
+@click.option(
     "--evidence",
     "evidence_file",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -1033,6 +1069,7 @@ def verify(
     pin_key: str | None,
     as_json: bool,
     follow: bool,
+    max_outage: float,
     evidence_file: Path | None,
 ) -> None:
     """Audit the VM at URL: fetch both ledgers, verify them, replay every call, compare.
@@ -1040,10 +1077,16 @@ def verify(
     Exits 0 when verified, 1 when verification failed (tampering, a fork, a
     mismatch), 2 when the audit could not run (unreachable, not a libvms
     server, bad arguments). With --follow it keeps verifying new calls and
-    exits 1 at the first problem.
+    exits 1 at the first problem; when the server stops answering it retries
+    (0.5 s, doubling up to 30 s between attempts, each shown on stderr) and
+    exits 2 only once the outage has lasted --max-outage seconds. When the
+    server is back, following goes on with every check, from the last
+    checkpoint verified.
     """
     try:
-        report = _run(_verify(url, state_dir, pin_key, follow, as_json), error=CouldNotAudit)
+        report = _run(
+            _verify(url, state_dir, pin_key, follow, as_json, max_outage), error=CouldNotAudit
+        )
     except KeyboardInterrupt:
         sys.exit(0)
     if as_json:

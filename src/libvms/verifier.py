@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import platformdirs
 from . import encoding
 from .archive import FilesArchive
 from .checkpoint import open_checkpoint
-from .errors import TamperError, VerificationError
+from .errors import ConnectError, TamperError, VerificationError
 from .evidence import Evidence, fork_evidence, key_of, replay_evidence
 from .keys import ledger_url
 from .ledger import Ledger
@@ -33,6 +34,15 @@ from .rpc.client import RPCClient
 from .rpc.protocol import BackendInfo
 from .signed import DEFAULT_WINDOW_MS, CallReceipt, verify_call_entry
 from .vm import BackendVM, ReplayStats, compare_entry
+
+#: How long, in seconds, :meth:`Auditor.follow` keeps retrying a server it cannot
+#: reach before giving up (``libvms verify --follow --max-outage``).
+DEFAULT_MAX_OUTAGE = 300.0
+
+#: The first wait before retrying an unreachable server, in seconds; it doubles
+#: after each failed retry, up to :data:`MAX_RETRY_DELAY`.
+FIRST_RETRY_DELAY = 0.5
+MAX_RETRY_DELAY = 30.0
 
 
 class Verifier:
@@ -72,19 +82,27 @@ class Verifier:
         follow: bool = False,
         on_batch: Callable[[AuditReport, int], None] | None = None,
         progress: Progress | None = None,
+        max_outage: float | None = DEFAULT_MAX_OUTAGE,
+        on_outage: Callable[[Outage], None] | None = None,
     ) -> AuditReport:
         """Audit the VM served at ``url`` (``ws://...``): fetch, verify, replay, compare.
 
         Raises :class:`~libvms.errors.ConnectError` when the VM cannot be reached
         or is not a libvms server; every finding about the VM itself is in the
         report. With ``follow``, keeps monitoring new batches until a problem
-        appears (``on_batch`` is told of each verified one).
+        appears (``on_batch`` is told of each verified one), riding out outages
+        of the server of up to ``max_outage`` seconds (``None`` or 0: none; see
+        :meth:`Auditor.follow`).
         """
         auditor = Auditor(url, state_dir=state_dir, pin_key=pin_key, progress=progress)
         try:
             report = await auditor.run()
             if follow and report.ok:
-                report = await auditor.follow(on_batch or (lambda _r, _n: None))
+                report = await auditor.follow(
+                    on_batch or (lambda _r, _n: None),
+                    max_outage=max_outage,
+                    on_outage=on_outage,
+                )
             return report
         finally:
             await auditor.close()
@@ -169,6 +187,35 @@ class Problem:
 
 
 @dataclass
+class Outage:
+    """A time a following auditor could not reach the server, as it stands so far.
+
+    ``error`` is the last transport failure, ``retries`` how many retries have
+    failed, ``duration`` the seconds since the first failure, ``next_retry`` the
+    wait before the next attempt (``None`` once the outage is over: ``recovered``
+    says whether the server answered again or the auditor gave up).
+    """
+
+    error: str
+    started_at: str
+    retries: int = 0
+    duration: float = 0.0
+    next_retry: float | None = None
+    recovered: bool = False
+    _started: float = field(default=0.0, repr=False, compare=False)
+    _delay: float = field(default=FIRST_RETRY_DELAY, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "startedAt": self.started_at,
+            "duration": round(self.duration, 3),
+            "retries": self.retries,
+            "recovered": self.recovered,
+            "lastError": self.error,
+        }
+
+
+@dataclass
 class AuditReport:
     """The outcome of :meth:`Verifier.audit`. ``ok`` only when nothing is wrong."""
 
@@ -182,6 +229,7 @@ class AuditReport:
     aborted_entries: list[int] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     evidence: Evidence | None = None
+    outages: list[Outage] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -212,6 +260,7 @@ class AuditReport:
             "oracleEntries": self.oracle_entries,
             "abortedEntries": self.aborted_entries,
             "timings": self.timings,
+            "outages": [o.to_dict() for o in self.outages],
         }
         return json.dumps(obj, indent=2, default=repr)
 
@@ -606,6 +655,18 @@ class Auditor:
         except TamperError as exc:
             self.report.problems.append(Problem("tamper", f"fetched data does not verify: {exc}"))
             return
+        except ConnectError as exc:
+            # What the server sent did not verify: that stands, even if it cannot
+            # be asked again to tell a fork from a corrupt answer.
+            self.report.problems.append(
+                Problem(
+                    "tamper",
+                    f"the new checkpoint could not be verified: {error} (fetching the "
+                    f"{'call log' if which == 'log' else 'files archive'} again to look "
+                    f"for a fork failed: {exc})",
+                )
+            )
+            return
         try:
             self._compare_with(held, fresh.ledger, which)
         finally:
@@ -637,23 +698,114 @@ class Auditor:
             )
 
     async def follow(
-        self, on_batch: Callable[[AuditReport, int], None], poll_interval: float = 0.05
+        self,
+        on_batch: Callable[[AuditReport, int], None],
+        poll_interval: float = 0.05,
+        *,
+        max_outage: float | None = DEFAULT_MAX_OUTAGE,
+        on_outage: Callable[[Outage], None] | None = None,
+        retry_delay: float = FIRST_RETRY_DELAY,
+        max_retry_delay: float = MAX_RETRY_DELAY,
     ) -> AuditReport:
         """Stay as a live monitor after :meth:`run`: verify and replay each new batch.
 
         Returns the report when a problem is found (cancel the task to stop).
+
+        A server that cannot be reached (:class:`ConnectError`: refused, reset,
+        timed out, an HTTP error) is an outage, not a finding: the auditor
+        retries after ``retry_delay`` seconds, doubling the wait after each
+        failure up to ``max_retry_delay``, and ``on_outage`` is told of each
+        failure, then of the recovery. Once the server answers, following goes
+        on from the checkpoints held, with every check. An outage longer than
+        ``max_outage`` seconds (``None`` or 0: none at all) raises
+        :class:`ConnectError`. Anything the server answers that does not verify
+        ends the follow at once, outage or not; each outage is listed in
+        ``report.outages``.
         """
+        assert self.log is not None and self.archive is not None
+        baseline = self._held()
+        outage: Outage | None = None
         while self.report.ok:
-            added = await self._catch_up()
-            if self.report.problems:
+            added = 0
+            compared = False
+            try:
+                await self._catch_up()
+                added = self._held() - baseline
+                if added and not self.report.problems:
+                    compared = True
+                    await self._compare_archive()
+            except ConnectError as exc:
+                if self.report.problems:
+                    break
+                outage = await self._wait_out(
+                    outage, exc, max_outage, retry_delay, max_retry_delay, on_outage
+                )
+                continue
+            if outage is not None:
+                outage.duration = time.monotonic() - outage._started
+                outage.next_retry = None
+                outage.recovered = True
+                if on_outage is not None:
+                    on_outage(outage)
+                outage = None
+            if self.report.problems and not compared:
                 break
             if added:
-                await self._compare_archive()
                 self._finish()
+                baseline = self._held()
                 on_batch(self.report, added)
             else:
                 await asyncio.sleep(poll_interval)
         return self.report
+
+    def _held(self) -> int:
+        """Entries held in both ledgers together: what a batch is counted against."""
+        assert self.log is not None and self.archive is not None
+        return self.log.length + self.archive.ledger.length
+
+    async def _wait_out(
+        self,
+        outage: Outage | None,
+        exc: ConnectError,
+        max_outage: float | None,
+        retry_delay: float,
+        max_retry_delay: float,
+        on_outage: Callable[[Outage], None] | None,
+    ) -> Outage:
+        """Record a failed attempt at reaching the server, then wait before the next one.
+
+        Raises :class:`ConnectError` once the outage has lasted ``max_outage``.
+        """
+        limit = max_outage or 0.0
+        if limit <= 0:
+            raise exc
+        now = time.monotonic()
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        if outage is None:
+            started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            outage = Outage(message, started, _started=now, _delay=retry_delay)
+            self.report.outages.append(outage)
+        else:
+            outage.retries += 1
+            outage.error = message
+        outage.duration = now - outage._started
+        remaining = limit - outage.duration
+        if remaining <= 0:
+            outage.next_retry = None
+            if on_outage is not None:
+                on_outage(outage)
+            retries = f"{outage.retries} {'retry' if outage.retries == 1 else 'retries'}"
+            raise ConnectError(
+                f"gave up following {self.url}: unreachable for {outage.duration:.1f} s "
+                f"({retries}), longer than the {limit:g} s allowed; last error: {message}"
+            ) from exc
+        wait = min(outage._delay, remaining)
+        outage._delay = min(outage._delay * 2, max_retry_delay)
+        outage.next_retry = wait
+        if on_outage is not None:
+            on_outage(outage)
+        await asyncio.sleep(wait)
+        return outage
 
     async def close(self) -> None:
         for item in (self.replay, self.log, self.archive):
