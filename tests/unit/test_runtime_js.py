@@ -1099,7 +1099,8 @@ async def test_limits(method: str, name: str) -> None:
     with pytest.raises(LimitExceeded) as info:
         await call(rt, method)
     assert info.value.name == name
-    assert time.monotonic() - start < 0.4 + 1.0
+    # The engine limit counts CPU time: on a loaded machine the wall time stretches.
+    assert time.monotonic() - start < 0.4 + 3.0
     assert rt.broken
     with pytest.raises(RuntimeError):
         await call(rt, "ok")
