@@ -255,12 +255,36 @@ class Ledger:
             )
         ]
 
+    def check_extension(self, entries: Sequence[bytes], checkpoint_text: str) -> None:
+        """Raise unless :meth:`extend_verified` would accept ``entries``; changes nothing.
+
+        Lets a caller verify fetched entries before fetching what they refer to.
+        """
+        base = self.tree.size
+        self._append_checked(entries, checkpoint_text)
+        self.tree.truncate(base)
+
     def extend_verified(self, entries: Sequence[bytes], checkpoint_text: str) -> None:
         """Append fetched entries to a read-only copy, all-or-nothing.
 
         The entries must extend the current tree to exactly the size and root
         of ``checkpoint_text``, which must be signed by this ledger's key.
         """
+        checkpoint = self._append_checked(entries, checkpoint_text)
+        base = checkpoint.size - len(entries)
+        # The tree already holds the verified leaves: stage the rows without re-hashing.
+        rows = [(base + i, data, self.tree.leaf(base + i)) for i, data in enumerate(entries)]
+        self.store.stage_many(self._insert_sql, rows)
+        self._staged.update((seq, data) for seq, data, _leaf in rows)
+        self._checkpoint_text = checkpoint_text
+        self._signed_size = checkpoint.size
+        self.store.stage(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            (self._ckpt_key, checkpoint_text.encode()),
+        )
+
+    def _append_checked(self, entries: Sequence[bytes], checkpoint_text: str) -> Checkpoint:
+        """Append ``entries`` to the tree if they reach ``checkpoint_text`` exactly."""
         checkpoint = open_checkpoint(checkpoint_text, self.verifier)
         base = self.tree.size
         added = 0
@@ -285,16 +309,7 @@ class Ledger:
         except BaseException:
             self.tree.truncate(base)
             raise
-        # The tree already holds the verified leaves: stage the rows without re-hashing.
-        rows = [(base + i, data, self.tree.leaf(base + i)) for i, data in enumerate(entries)]
-        self.store.stage_many(self._insert_sql, rows)
-        self._staged.update((seq, data) for seq, data, _leaf in rows)
-        self._checkpoint_text = checkpoint_text
-        self._signed_size = checkpoint.size
-        self.store.stage(
-            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-            (self._ckpt_key, checkpoint_text.encode()),
-        )
+        return checkpoint
 
     @property
     def checkpoint_text(self) -> str:

@@ -29,7 +29,7 @@ import aiohttp
 
 from . import encoding, merkle
 from .archive import LEDGER_NAME as ARCHIVE_LEDGER
-from .archive import FetchMode, FilesArchive
+from .archive import FetchMode, FilesArchive, _Tree
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import ConnectError, LibVMSError, TamperError
 from .keys import parse_ledger_url
@@ -167,9 +167,9 @@ async def _extend(source: _Source, ledger: Ledger) -> tuple[list[bytes], str] | 
     return entries, text
 
 
-def _current_blobs(archive: FilesArchive) -> dict[str, int]:
-    """Hash -> size of every file of the archive's current tree."""
-    return {s.hash: s.size for s in archive.files().values() if s.hash is not None}
+def _current_blobs(tree: _Tree) -> dict[str, int]:
+    """Hash -> size of every file of an archive's tree."""
+    return {s.hash: s.size for s in tree.all_nodes().values() if s.hash is not None}
 
 
 def _written_blobs(entries: Iterable[bytes]) -> dict[str, int]:
@@ -288,7 +288,7 @@ async def fetch_files_archive(
             if history:
                 await _fetch_blobs(source, archive, _written_blobs(fetched[0]), "history")
             else:
-                await _fetch_blobs(source, archive, _current_blobs(archive), "current")
+                await _fetch_blobs(source, archive, _current_blobs(archive._tree), "current")
         await store.flush()
     except BaseException:
         if archive is not None:
@@ -345,18 +345,24 @@ async def refresh(
             if fetched is None and not upgrade:
                 return 0
             entries: list[bytes] = []
+            tree = archive._tree
             if fetched is not None:
+                # Verified against the signed checkpoint before any blob they name
+                # is fetched; added only once every blob has verified too, so a
+                # failure leaves the copy as it was.
                 entries, text = fetched
+                ledger.check_extension(entries, text)
                 tree = archive._tree_with(entries)
-                ledger.extend_verified(entries, text)
-                archive._tree = tree
             if upgrade:
                 # Every write so far: the copy never fetched the older versions' blobs.
-                written = _written_blobs(ledger.raw_range(1, ledger.length))
-                await _fetch_blobs(source, archive, written, "history")
+                old = ledger.raw_range(1, ledger.length)
+                await _fetch_blobs(source, archive, _written_blobs([*old, *entries]), "history")
             elif archive.fetch_mode == "history":
                 await _fetch_blobs(source, archive, _written_blobs(entries), "history")
             else:
-                await _fetch_blobs(source, archive, _current_blobs(archive), "current")
+                await _fetch_blobs(source, archive, _current_blobs(tree), "current")
+            if fetched is not None:
+                ledger.extend_verified(*fetched)
+                archive._tree = tree
     await store.flush()
     return 0 if fetched is None else len(fetched[0])
