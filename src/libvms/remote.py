@@ -99,7 +99,9 @@ class _Source:
                         raise TamperError(f"GET {url} sent more than {limit} bytes")
                 return bytes(body)
         except aiohttp.ClientPayloadError as exc:
-            raise TamperError(f"GET {url}: truncated response ({exc})") from exc
+            # The connection broke off mid-response: a network failure, which
+            # proves nothing about the server, so not a TamperError.
+            raise ConnectError(f"GET {url}: the response broke off ({exc})") from exc
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             raise ConnectError(f"GET {url} failed: {exc or type(exc).__name__}") from exc
 
