@@ -158,7 +158,7 @@ PROBLEM_KINDS = (
     "fork",  # the log rewrote history it signed before (evidence available)
     "rollback",  # the log is shorter than a checkpoint it signed before
     "signature",  # a signed call's signature or nonce does not verify
-    "assertion",  # the init entry is not what the server announced
+    "assertion",  # the init entry or the script's methods are not what the server announced
     "replay-mismatch",  # replay computes a different entry (evidence available)
     "archive-mismatch",  # the files archive differs from what the calls produced
 )
@@ -572,6 +572,18 @@ class Auditor:
             self._replay_problem(exc)
             return
         self.report.warnings.extend(self.replay.warnings)
+        announced, exported = list(self.info.methods), self.replay.methods
+        if announced != exported:
+            self.report.problems.append(
+                Problem(
+                    "assertion",
+                    f"the server announces the methods {announced}, but the logged script "
+                    f"exports {exported}",
+                    field="methods",
+                    expected=exported,
+                    found=announced,
+                )
+            )
 
     def _replay_problem(self, exc: VerificationError) -> None:
         assert self.log is not None

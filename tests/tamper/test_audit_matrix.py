@@ -302,6 +302,26 @@ async def test_init_naming_another_archive_is_an_assertion_problem(host, tmp_pat
     assert problem.found == other
 
 
+async def test_announcing_other_methods_than_the_script_exports_is_an_assertion_problem(
+    host, tmp_path
+):
+    await debug_calls(host, ("add", 2))
+    server = host.server
+    honest = server._handshake
+
+    def lying(request, mount):
+        info = honest(request, mount)
+        info["methods"] = [*info["methods"], "stealKeys"]
+        return info
+
+    server._handshake = lying
+    problem = only_problem(await audit(host, tmp_path))
+    assert problem.kind == "assertion"
+    assert problem.field == "methods"
+    assert problem.expected == ["add", "note", "whoami", "quote"]
+    assert problem.found == ["add", "note", "whoami", "quote", "stealKeys"]
+
+
 async def test_swapped_script_is_a_replay_mismatch_at_the_first_call_it_changes(host, tmp_path):
     await debug_calls(host, ("note", "/a", "x"), ("add", 1), ("add", 2))
     swapped = SCRIPT.replace("(total += n)", "(total += 2 * n)")
