@@ -156,13 +156,32 @@ class _RecordedOracles:
 
 
 class _Host:
-    """Performs the script's ``System.*`` requests on one call's archive transaction."""
+    """Performs the script's ``System.*`` requests on one call's archive transaction.
+
+    The transaction is opened on the call's first files request: most calls make none.
+    """
 
     def __init__(
-        self, tx: ArchiveTransaction, oracles: Callable[[str, list[Any]], Awaitable[Any]]
+        self,
+        archive: FilesArchive,
+        mtime_ms: int,
+        oracles: Callable[[str, list[Any]], Awaitable[Any]],
     ) -> None:
-        self._tx = tx
+        self._archive = archive
+        self._mtime = mtime_ms
+        self._opened: ArchiveTransaction | None = None
         self._oracles = oracles
+
+    @property
+    def _tx(self) -> ArchiveTransaction:
+        if self._opened is None:
+            self._opened = self._archive.transaction(mtime_ms=self._mtime)
+        return self._opened
+
+    def commit(self) -> None:
+        """Stage the call's archive writes, if it made any."""
+        if self._opened is not None:
+            self._opened.commit()
 
     async def __call__(self, op: str, args: list[Any]) -> Any:
         if op == "oracle":
@@ -468,8 +487,8 @@ class BackendVM:
         call.update({"methodName": method, "args": args, "timestamp": timestamp})
         if call_fields:
             call.update(call_fields)
-        tx = archive.transaction(mtime_ms=timestamp)
         oracles = _LiveOracles(self._oracles)
+        host = _Host(archive, timestamp, oracles)
         try:
             outcome = await runtime.call(
                 method,
@@ -477,7 +496,7 @@ class BackendVM:
                 caller_id=user_id,
                 timestamp_ms=timestamp,
                 seed=derive_seed(log.ledger.tree.root(), seq),
-                host=_Host(tx, oracles),
+                host=host,
             )
         except LimitExceeded as exc:
             err = _error_obj(exc.name, exc.message)
@@ -488,7 +507,7 @@ class BackendVM:
         except BaseException:
             self._runtime = None
             raise
-        tx.commit()
+        host.commit()
         seq = log.stage(_outcome_entry(call, archive, outcome, oracles.records))
         if outcome.error is not None:
             return CallResult(seq, None, VMCallError(*outcome.error))
@@ -538,8 +557,8 @@ class BackendVM:
             return _entry(
                 call, archive, err=result.get("err"), aborted=True, oracles=recorded or None
             )
-        tx = archive.transaction(mtime_ms=timestamp)
         oracles = _RecordedOracles(recorded, seq)
+        host = _Host(archive, timestamp, oracles)
         try:
             outcome = await runtime.call(
                 method,
@@ -547,7 +566,7 @@ class BackendVM:
                 caller_id=user_id,
                 timestamp_ms=timestamp,
                 seed=derive_seed(root_before, seq),
-                host=_Host(tx, oracles),
+                host=host,
             )
         except LimitExceeded as exc:
             raise VerificationError(
@@ -561,7 +580,7 @@ class BackendVM:
             raise VerificationError(
                 f"entry {seq}: {exc}", index=seq, field="call.methodName", found=method
             ) from None
-        tx.commit()
+        host.commit()
         return _outcome_entry(call, archive, outcome, oracles.records)
 
     # -- replay ----------------------------------------------------------------
