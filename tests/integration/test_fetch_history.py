@@ -1,18 +1,16 @@
 """Fetching a files archive with its history, so that every version can be read."""
 
-import aiohttp
 import pytest
-from aiohttp import web
 
 from libvms import encoding
 from libvms.archive import FilesArchive
 from libvms.errors import BlobNotFetchedError, NotFoundError, TamperError
-from libvms.keys import ledger_url, parse_ledger_url
+from libvms.keys import parse_ledger_url
 from libvms.remote import fetch_files_archive, refresh
 from libvms.rpc import RPCClient, RPCServer
 from libvms.vm import BackendVM
 
-from ..tamper.helpers import sql
+from ..tamper.helpers import blob_forging_proxy, sql
 
 SCRIPT = """
 exports.write = async (path, text) => { await System.files.writeFile(path, text); return path }
@@ -177,32 +175,8 @@ async def test_a_current_blob_lost_from_a_copy_without_history_is_tamper(served,
 async def liar(served):
     """An HTTP proxy to the server that flips a bit of the old blob of /a."""
     _, server, _ = served
-    upstream = f"http://127.0.0.1:{server.port}"
-
-    async def handle(request):
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(upstream + request.path_qs) as response,
-        ):
-            status, body = response.status, await response.read()
-        if request.path.endswith("/blobs/" + OLD):
-            body = body[:-1] + bytes([body[-1] ^ 1])
-        return web.Response(status=status, body=body)
-
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
-
-    def through(real_url):
-        location, key = parse_ledger_url(real_url)
-        return ledger_url(key, base + location[len(upstream) :])
-
-    yield through
-    await runner.cleanup()
+    async with blob_forging_proxy(f"http://127.0.0.1:{server.port}", OLD) as through:
+        yield through
 
 
 async def test_a_lying_server_is_caught_only_when_history_is_fetched(served, liar, tmp_path):

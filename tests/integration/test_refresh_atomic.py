@@ -1,16 +1,15 @@
 """A refresh that fails on a blob leaves the fetched copy exactly as it was."""
 
-import aiohttp
 import pytest
-from aiohttp import web
 
 from libvms import encoding
 from libvms.archive import FilesArchive
 from libvms.errors import TamperError
-from libvms.keys import ledger_url, parse_ledger_url
 from libvms.remote import fetch_files_archive, refresh
 from libvms.rpc import RPCClient, RPCServer
 from libvms.vm import BackendVM
+
+from ..tamper.helpers import blob_forging_proxy
 
 SCRIPT = "exports.write = async (path, text) => { await System.files.writeFile(path, text) }"
 FORGED = encoding.sha256_hex(b"new content")
@@ -32,32 +31,8 @@ async def served():
 async def liar(served):
     """An HTTP proxy to the server that flips a bit of one blob."""
     _, server = served
-    upstream = f"http://127.0.0.1:{server.port}"
-
-    async def handle(request):
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(upstream + request.path_qs) as response,
-        ):
-            status, body = response.status, await response.read()
-        if request.path.endswith("/blobs/" + FORGED):
-            body = body[:-1] + bytes([body[-1] ^ 1])
-        return web.Response(status=status, body=body)
-
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
-
-    def through(real_url):
-        location, key = parse_ledger_url(real_url)
-        return ledger_url(key, base + location[len(upstream) :])
-
-    yield through
-    await runner.cleanup()
+    async with blob_forging_proxy(f"http://127.0.0.1:{server.port}", FORGED) as through:
+        yield through
 
 
 @pytest.mark.parametrize("history", [False, True])

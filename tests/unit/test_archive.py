@@ -279,6 +279,15 @@ async def _assert_shows(reader, files):
     assert reader.state_root == spec_state_root(files)
 
 
+def _mutate(tx, op, path, data, recursive):
+    if op == "write":
+        tx.write_file(path, data)
+    elif op == "rmdir":
+        tx.rmdir(path, recursive)
+    else:
+        getattr(tx, op)(path)
+
+
 tx_ops = st.lists(
     st.lists(
         st.tuples(
@@ -315,19 +324,9 @@ async def test_transactions_follow_the_archive_rules_and_commit_or_vanish_whole(
                         DirectoryNotEmptyError,
                     )
                 ):
-                    if op == "write":
-                        tx.write_file(path, data)
-                    elif op == "rmdir":
-                        tx.rmdir(path, recursive)
-                    else:
-                        getattr(tx, op)(path)
+                    _mutate(tx, op, path, data, recursive)
                 continue
-            if op == "write":
-                tx.write_file(path, data)
-            elif op == "rmdir":
-                tx.rmdir(path, recursive)
-            else:
-                getattr(tx, op)(path)
+            _mutate(tx, op, path, data, recursive)
             pending = after
         await _assert_shows(tx, pending)
         await _assert_shows(archive, committed)

@@ -709,28 +709,20 @@ class JSRuntime:
         return self._limit("EngineError", first or type(exc).__name__)
 
     def _enter(self, cmd: int, payload: str, deadline: float) -> str:
-        remaining = deadline - _monotonic()
-        if remaining <= 0:
-            raise self._time_limit()
-        self._ctx.set_time_limit(remaining)
-        try:
-            result = self._dispatch(cmd, payload)
-        except (quickjs.JSException, quickjs.StackOverflow) as exc:
-            raise self._engine_exception(exc) from None
-        except Exception as exc:
-            raise self._limit("EngineError", f"{type(exc).__name__}: {exc}") from exc
-        if not isinstance(result, str):  # pragma: no cover - the prelude always returns text
-            raise self._limit("EngineError", "the prelude returned no status")
-        return result
+        """One entry into the prelude's dispatcher, bounded by what is left of ``deadline``."""
+        return self._enter_with(deadline, cmd, payload)
 
     def _enter_begin(self, begin_args: tuple[Any, ...], deadline: float) -> str:
         """:meth:`_enter` with BEGIN and its arguments (see :func:`_begin_args`)."""
+        return self._enter_with(deadline, _BEGIN, *begin_args)
+
+    def _enter_with(self, deadline: float, *dispatch_args: Any) -> str:
         remaining = deadline - _monotonic()
         if remaining <= 0:
             raise self._time_limit()
         self._ctx.set_time_limit(remaining)
         try:
-            result = self._dispatch(_BEGIN, *begin_args)
+            result = self._dispatch(*dispatch_args)
         except (quickjs.JSException, quickjs.StackOverflow) as exc:
             raise self._engine_exception(exc) from None
         except Exception as exc:
