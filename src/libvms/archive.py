@@ -225,7 +225,7 @@ class _Tree(_Nodes):
     def __init__(self) -> None:
         self.nodes: dict[str, Stat] = {"/": Stat("dir", 0, 0)}
         self.children: dict[str, set[str]] = {"/": set()}
-        self.leaves = merkle.MerkleMap()  # one leaf per path but the root, in path order
+        self.leaves = merkle.MerkleMap()  # one leaf per path but the root: the state root
         self.generation = 0
 
     def copy(self) -> _Tree:
@@ -817,8 +817,12 @@ def history_of(mutations: Sequence[Any]) -> list[dict[str, Any]]:
 class ArchiveTransaction(_Reader):
     """Mutations staged apart from the archive: the VM's writes during one call.
 
-    Reads see the staged changes. ``commit()`` makes them part of the archive
-    (durable at the next store flush); dropping the transaction discards them.
+    Reads see the staged changes over the archive as it is now: a write committed
+    elsewhere while the transaction is open shows through (a VM's calls never
+    overlap, so within a VM nothing does). ``commit()`` applies the staged
+    entries in order on top of the archive as it then is, or raises the error
+    that refuses them and stages nothing; it makes them part of the archive
+    (durable at the next store flush). Dropping the transaction discards them.
     """
 
     _tree: _Overlay

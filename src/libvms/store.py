@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 import sqlite3
 import threading
@@ -40,9 +41,18 @@ class StoreError(LibVMSError):
     """The database could not be written; the ledgers in it must be reopened."""
 
 
-# An INSERT whose rows can be merged into one multi-row statement; group 1 is its row.
 # An INSERT whose rows can be merged into one multi-row statement: its table, its row.
 _INSERT = re.compile(r"INSERT (?:OR [A-Z]+ )?INTO (\w+) .+ VALUES (\(\?(?:, \?)*\))", re.DOTALL)
+
+
+@functools.lru_cache(maxsize=256)
+def _insert_parts(sql: str) -> tuple[str, str, str] | None:
+    """``(table, head, row)`` of a mergeable INSERT (``head`` ends before its row), or None."""
+    match = _INSERT.fullmatch(sql)
+    if match is None:
+        return None
+    return match.group(1), sql[: match.start(2)], match.group(2)
+
 
 #: Most rows per merged INSERT (SQLite allows 32,766 parameters per statement).
 _ROWS_PER_INSERT = 256
@@ -65,16 +75,16 @@ def _statements(batch: list[Write]) -> Iterator[tuple[str, Sequence[Any]]]:
     tables: dict[str, str] = {}  # table -> the INSERT text being merged into it
     for sql, params, many in batch:
         rows: list[Sequence[Any]] = list(params) if many else [params]  # type: ignore[arg-type, list-item]
-        match = _INSERT.fullmatch(sql)
-        if match is not None and tables.get(match.group(1), sql) == sql:
-            tables[match.group(1)] = sql
+        parts = _insert_parts(sql)
+        if parts is not None and tables.get(parts[0], sql) == sql:
+            tables[parts[0]] = sql
             groups.setdefault(sql, []).extend(rows)
             continue
         for text, merged in groups.items():
             yield from _merged(text, merged)
         groups, tables = {}, {}
-        if match is not None:
-            tables[match.group(1)] = sql
+        if parts is not None:
+            tables[parts[0]] = sql
             groups[sql] = rows
             continue
         for row in rows:
@@ -84,9 +94,9 @@ def _statements(batch: list[Write]) -> Iterator[tuple[str, Sequence[Any]]]:
 
 
 def _merged(sql: str, rows: list[Sequence[Any]]) -> Iterator[tuple[str, Sequence[Any]]]:
-    match = _INSERT.fullmatch(sql)
-    assert match is not None
-    head, row_sql = sql[: match.start(2)], match.group(2)
+    parts = _insert_parts(sql)
+    assert parts is not None
+    _table, head, row_sql = parts
     # Chunks of power-of-two sizes keep the distinct statement texts few, so
     # SQLite's prepared-statement cache still serves them.
     start, left = 0, len(rows)

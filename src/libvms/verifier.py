@@ -30,6 +30,7 @@ from .keys import ledger_url
 from .ledger import Ledger
 from .log import CallLog
 from .remote import HTTP_TIMEOUT, fetch_call_log, fetch_files_archive, refresh
+from .rpc import protocol
 from .rpc.client import RPCClient
 from .rpc.protocol import BackendInfo
 from .signed import DEFAULT_WINDOW_MS, CallReceipt, verify_call_entry
@@ -572,13 +573,13 @@ class Auditor:
             self._replay_problem(exc)
             return
         self.report.warnings.extend(self.replay.warnings)
-        announced, exported = list(self.info.methods), self.replay.methods
+        announced, exported = list(self.info.methods), protocol.rpc_methods(self.replay.methods)
         if announced != exported:
             self.report.problems.append(
                 Problem(
                     "assertion",
                     f"the server announces the methods {announced}, but the logged script "
-                    f"exports {exported}",
+                    f"exports {exported} for calls",
                     field="methods",
                     expected=exported,
                     found=announced,

@@ -322,6 +322,19 @@ async def test_announcing_other_methods_than_the_script_exports_is_an_assertion_
     assert problem.found == ["add", "note", "whoami", "quote", "stealKeys"]
 
 
+async def test_a_script_exporting_handshake_audits_clean(tmp_path):
+    # The protocol answers "handshake" itself, so the server never announces it:
+    # the audit must not count that as a difference.
+    host = DishonestHost(tmp_path / "vm", "exports.handshake = () => 1\nexports.note = (x) => x")
+    await host.start()
+    try:
+        await debug_calls(host, ("note", 1))
+        report = await audit(host, tmp_path)
+        assert report.ok, report.to_json()
+    finally:
+        await host.close()
+
+
 async def test_swapped_script_is_a_replay_mismatch_at_the_first_call_it_changes(host, tmp_path):
     await debug_calls(host, ("note", "/a", "x"), ("add", 1), ("add", 2))
     swapped = SCRIPT.replace("(total += n)", "(total += 2 * n)")

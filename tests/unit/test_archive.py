@@ -218,6 +218,21 @@ async def test_transaction_reapplies_on_top_of_writes_that_landed_meanwhile(tmp_
     await again.close()
 
 
+async def test_an_open_transaction_reads_writes_committed_meanwhile():
+    archive = await FilesArchive.create(None, "t")
+    await archive.write_file("/f", "v1")
+    tx = archive.transaction(mtime_ms=1)
+    tx.write_file("/mine", "staged")
+    assert tx.read_file_now("/f") == "v1"
+    await archive.write_file("/f", "v2")
+    await archive.write_file("/g", "new")
+    assert tx.read_file_now("/f") == "v2"
+    assert sorted(tx.files()) == ["/f", "/g", "/mine"]
+    tx.commit()
+    assert await archive.readdir("/") == ["f", "g", "mine"]
+    await archive.close()
+
+
 async def test_conflicting_transaction_is_refused_and_nothing_is_staged():
     archive = await FilesArchive.create(None, "t")
     tx = archive.transaction(mtime_ms=1)

@@ -70,6 +70,13 @@ JSONRPC_VERSION = "2.0"
 #: Name of the method that describes a VM; never forwarded to the script.
 HANDSHAKE = "handshake"
 
+
+def rpc_methods(methods: Sequence[str]) -> list[str]:
+    """The VM methods callable over RPC, in order: all but ``handshake``, which the
+    protocol itself answers. The handshake announces exactly these."""
+    return [m for m in methods if m != HANDSHAKE]
+
+
 #: Default bound on one WebSocket message, in bytes (1 MiB).
 MAX_MESSAGE_BYTES = 1024 * 1024
 

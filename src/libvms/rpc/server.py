@@ -218,7 +218,7 @@ class RPCServer:
             raise ValueError(f"{path} is already mounted")
         if vm.call_log is None or vm.files_archive is None:
             raise LibVMSError("deploy the VM before mounting it")
-        methods = [m for m in vm.methods if m != HANDSHAKE]
+        methods = protocol.rpc_methods(vm.methods)
         mount = _Mount(
             path=path,
             vm=vm,
@@ -478,7 +478,6 @@ class RPCServer:
         )
         mount.connections.add(conn)
         loop = asyncio.get_running_loop()
-        tasks = self._tasks
         max_in_flight = self.max_in_flight
         try:
             async for msg in ws:
@@ -494,10 +493,7 @@ class RPCServer:
                             conn.room = loop.create_future()
                             await conn.room
                         conn.in_flight += 1
-                        task = loop.create_task(self._call(conn, call))
-                        tasks.add(task)
-                        task.add_done_callback(tasks.discard)
-                        task.add_done_callback(conn.call_done)
+                        self._spawn(self._call(conn, call)).add_done_callback(conn.call_done)
                 elif msg.type is WSMsgType.BINARY:
                     await self._close_connection(
                         conn,

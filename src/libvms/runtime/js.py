@@ -551,15 +551,14 @@ class JSRuntime:
         included (a host await itself is not interrupted; the limit is checked
         when it returns).
         """
-        if self._busy or self.broken or self._closed or not self._loaded:
-            self._check_ready()
+        self._check_ready()
         begin_args = _begin_args(method, args, caller_id, timestamp_ms, seed)
         # The wall deadline covers the whole call; each JS step also gets the
         # engine's CPU time limit set to what is left of it.
         deadline = _monotonic() + self._call_timeout
         self._busy = True
         try:
-            status = self._enter_begin(begin_args, deadline)
+            status = self._enter_with(deadline, _BEGIN, *begin_args)
             first = status[0]
             if first not in _STATUS_CODES:
                 # Fast path: the call settled synchronously with a value and left
@@ -711,10 +710,6 @@ class JSRuntime:
     def _enter(self, cmd: int, payload: str, deadline: float) -> str:
         """One entry into the prelude's dispatcher, bounded by what is left of ``deadline``."""
         return self._enter_with(deadline, cmd, payload)
-
-    def _enter_begin(self, begin_args: tuple[Any, ...], deadline: float) -> str:
-        """:meth:`_enter` with BEGIN and its arguments (see :func:`_begin_args`)."""
-        return self._enter_with(deadline, _BEGIN, *begin_args)
 
     def _enter_with(self, deadline: float, *dispatch_args: Any) -> str:
         remaining = deadline - _monotonic()
