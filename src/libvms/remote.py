@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
 
@@ -324,6 +325,22 @@ async def refresh(
     ledger = ledger_owner.ledger
     if ledger.keypair is not None:
         raise LibVMSError("this ledger is written here; only fetched copies can be refreshed")
+    # One refresh of a copy at a time: a second would verify its entries against
+    # the size the first is about to change.
+    async with _refresh_locks.setdefault(ledger, asyncio.Lock()):
+        return await _refresh(ledger_owner, ledger, url, history, session)
+
+
+_refresh_locks: weakref.WeakKeyDictionary[Ledger, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+async def _refresh(
+    ledger_owner: CallLog | FilesArchive,
+    ledger: Ledger,
+    url: str | None,
+    history: bool,
+    session: aiohttp.ClientSession | None,
+) -> int:
     if history and not isinstance(ledger_owner, FilesArchive):
         raise ValueError("history applies to files archives only")
     if url is None:

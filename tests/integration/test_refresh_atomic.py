@@ -1,11 +1,13 @@
-"""A refresh that fails on a blob leaves the fetched copy exactly as it was."""
+"""Refreshing a fetched copy: all or nothing, one refresh at a time."""
+
+import asyncio
 
 import pytest
 
 from libvms import encoding
 from libvms.archive import FilesArchive
 from libvms.errors import TamperError
-from libvms.remote import fetch_files_archive, refresh
+from libvms.remote import fetch_call_log, fetch_files_archive, refresh
 from libvms.rpc import RPCClient, RPCServer
 from libvms.vm import BackendVM
 
@@ -58,3 +60,21 @@ async def test_a_forged_blob_leaves_the_copy_as_it_was(served, liar, tmp_path, h
     assert reopened.state_root == vm.files_archive.state_root
     assert await reopened.read_file("/new") == "new content"
     await reopened.close()
+
+
+async def test_concurrent_refreshes_of_one_copy_take_turns(served, tmp_path):
+    vm, server = served
+    async with RPCClient(server.url("/vm"), user="alice") as client:
+        await client.write("/a", "one")
+        url = client.backend_info.files_archive_url
+        log_url = client.backend_info.call_log_url
+        copy = await fetch_files_archive(url, tmp_path / "files")
+        log = await fetch_call_log(log_url, tmp_path / "log")
+        for i in range(5):
+            await client.write(f"/n{i}", str(i))
+    added = await asyncio.gather(refresh(copy), refresh(copy), refresh(log), refresh(log))
+    assert sorted(added[:2]) == [0, 5] and sorted(added[2:]) == [0, 5]
+    assert copy.state_root == vm.files_archive.state_root
+    assert log.length == vm.call_log.length
+    await copy.close()
+    await log.close()
