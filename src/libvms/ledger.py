@@ -255,22 +255,29 @@ class Ledger:
             )
         ]
 
-    def check_extension(self, entries: Sequence[bytes], checkpoint_text: str) -> None:
+    def check_extension(self, entries: Sequence[bytes], checkpoint_text: str) -> list[bytes]:
         """Raise unless :meth:`extend_verified` would accept ``entries``; changes nothing.
 
         Lets a caller verify fetched entries before fetching what they refer to.
+        Returns their leaf hashes, for :meth:`extend_verified`.
         """
         base = self.tree.size
         self._append_checked(entries, checkpoint_text)
+        leaves = [self.tree.leaf(i) for i in range(base, self.tree.size)]
         self.tree.truncate(base)
+        return leaves
 
-    def extend_verified(self, entries: Sequence[bytes], checkpoint_text: str) -> None:
+    def extend_verified(
+        self, entries: Sequence[bytes], checkpoint_text: str, *, leaves: Sequence[bytes] = ()
+    ) -> None:
         """Append fetched entries to a read-only copy, all-or-nothing.
 
         The entries must extend the current tree to exactly the size and root
         of ``checkpoint_text``, which must be signed by this ledger's key.
+        ``leaves`` are their leaf hashes from :meth:`check_extension`, which
+        already checked the entries themselves; the tree's root is checked again.
         """
-        checkpoint = self._append_checked(entries, checkpoint_text)
+        checkpoint = self._append_checked(entries, checkpoint_text, leaves)
         base = checkpoint.size - len(entries)
         # The tree already holds the verified leaves: stage the rows without re-hashing.
         rows = [(base + i, data, self.tree.leaf(base + i)) for i, data in enumerate(entries)]
@@ -283,16 +290,26 @@ class Ledger:
             (self._ckpt_key, checkpoint_text.encode()),
         )
 
-    def _append_checked(self, entries: Sequence[bytes], checkpoint_text: str) -> Checkpoint:
-        """Append ``entries`` to the tree if they reach ``checkpoint_text`` exactly."""
+    def _append_checked(
+        self, entries: Sequence[bytes], checkpoint_text: str, leaves: Sequence[bytes] = ()
+    ) -> Checkpoint:
+        """Append ``entries`` to the tree if they reach ``checkpoint_text`` exactly.
+
+        With their ``leaves``, the entries were checked before: only the tree is.
+        """
         checkpoint = open_checkpoint(checkpoint_text, self.verifier)
         base = self.tree.size
         added = 0
+        if leaves and len(leaves) != len(entries):
+            raise ValueError("one leaf hash per entry")
         try:
-            for data in entries:
-                if not isinstance(encoding.parse_canonical(data), dict):
-                    raise EncodingError("entry is not a JSON object")
-                self.tree.append(merkle.leaf_hash(data))
+            for i, data in enumerate(entries):
+                if leaves:
+                    self.tree.append(leaves[i])
+                else:
+                    if not isinstance(encoding.parse_canonical(data), dict):
+                        raise EncodingError("entry is not a JSON object")
+                    self.tree.append(merkle.leaf_hash(data))
                 added += 1
                 if self.tree.size > checkpoint.size:
                     raise TamperError(f"{self.name} sent more entries than its checkpoint covers")

@@ -364,13 +364,14 @@ async def _refresh(
             if fetched is None and not upgrade:
                 return 0
             entries: list[bytes] = []
+            leaves: list[bytes] = []
             tree = archive._tree
             if fetched is not None:
                 # Verified against the signed checkpoint before any blob they name
                 # is fetched; added only once every blob has verified too, so a
                 # failure leaves the copy as it was.
                 entries, text = fetched
-                ledger.check_extension(entries, text)
+                leaves = ledger.check_extension(entries, text)
                 tree = archive._tree_with(entries)
             if upgrade:
                 # Every write so far: the copy never fetched the older versions' blobs.
@@ -381,7 +382,7 @@ async def _refresh(
             else:
                 await _fetch_blobs(source, archive, _current_blobs(tree), "current")
             if fetched is not None:
-                ledger.extend_verified(*fetched)
+                ledger.extend_verified(entries, text, leaves=leaves)
                 archive._tree = tree
     await store.flush()
     return 0 if fetched is None else len(fetched[0])

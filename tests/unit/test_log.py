@@ -6,9 +6,11 @@ import pytest
 from libvms import merkle
 from libvms.checkpoint import open_checkpoint
 from libvms.encoding import canonical
-from libvms.errors import EncodingError, LibVMSError
+from libvms.errors import EncodingError, LibVMSError, TamperError
 from libvms.keys import VerifierKey
-from libvms.log import KEY_FILENAME, CallLog
+from libvms.ledger import Ledger
+from libvms.log import KEY_FILENAME, LEDGER_NAME, CallLog
+from libvms.store import Store
 
 
 async def test_create_writes_the_seeds_init_entry(tmp_path):
@@ -135,3 +137,27 @@ async def test_create_refuses_a_dir_with_a_log(tmp_path):
 async def test_open_refuses_an_empty_dir(tmp_path):
     with pytest.raises(LibVMSError, match="no call log"):
         await CallLog.open(tmp_path)
+
+
+async def test_a_copy_checks_an_extension_before_taking_it():
+    log = await CallLog.create(None, "exports.x = 1", "libvms:" + "A" * 43)
+    for i in range(6):
+        await log.append_call(method_name="x", args=[i], files_version=1)
+    entries = log.ledger.raw_range(0, log.length)
+    text = await log.checkpoint()
+    copy = Ledger.create_copy(Store.open(None), LEDGER_NAME, log.public_key)
+
+    leaves = copy.check_extension(entries, text)
+    assert copy.length == 0
+    assert leaves == [merkle.leaf_hash(e) for e in entries]
+    with pytest.raises(TamperError):
+        copy.check_extension(entries[:-1], text)
+    with pytest.raises(TamperError):
+        copy.extend_verified(entries, text, leaves=leaves[::-1])
+    with pytest.raises(ValueError):
+        copy.extend_verified(entries, text, leaves=leaves[:-1])
+    assert copy.length == 0
+    copy.extend_verified(entries, text, leaves=leaves)
+    assert copy.length == log.length
+    assert copy.tree.root() == log.ledger.tree.root()
+    await log.close()
