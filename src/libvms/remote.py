@@ -179,7 +179,7 @@ def _written_blobs(entries: Iterable[bytes]) -> dict[str, int]:
     """Hash -> size of every ``write`` among archive entries (already replayed, so valid)."""
     wanted: dict[str, int] = {}
     for data in entries:
-        entry = encoding.parse(data)
+        entry = encoding.parse_verified(data)
         if not isinstance(entry, dict) or entry.get("type") != "write":
             continue
         content_hash, size = entry["hash"], entry["size"]
