@@ -448,11 +448,11 @@ class BackendVM:
             raise VMCallError("MethodNotFound", f"{method_name!r} is not an exported function")
         args = list(args)
         try:
-            encoding.check_value(args)
+            simple = encoding.check_value(args)
             if user_id is not None and not isinstance(user_id, str):
                 raise EncodingError("user id must be a string")
             if call_fields is not None:
-                encoding.check_value(dict(call_fields))
+                simple = encoding.check_value(dict(call_fields)) and simple
         except EncodingError as exc:
             raise VMCallError("TypeError", f"arguments must be JSON values: {exc}") from None
         if self._queued >= self.max_queue:
@@ -460,7 +460,7 @@ class BackendVM:
         self._queued += 1
         try:
             async with self._lock:
-                result = await self._execute(method_name, args, user_id, call_fields)
+                result = await self._execute(method_name, args, user_id, call_fields, simple)
         finally:
             self._queued -= 1
         assert self._store is not None
@@ -473,7 +473,10 @@ class BackendVM:
         args: list[Any],
         user_id: str | None,
         call_fields: Mapping[str, Any] | None,
+        inputs_simple: bool,
     ) -> CallResult:
+        """Run one call and stage its entry. ``inputs_simple``: what ``check_value``
+        said of the arguments and call fields (see :func:`encoding.canonical_checked`)."""
         if self._runtime is None:
             self._runtime = await self._rebuild()
         runtime = self._runtime
@@ -508,7 +511,16 @@ class BackendVM:
             self._runtime = None
             raise
         host.commit()
-        seq = log.stage(_outcome_entry(call, archive, outcome, oracles.records))
+        entry = _outcome_entry(call, archive, outcome, oracles.records)
+        if oracles.records:
+            seq = log.stage(entry)  # host values: check the whole entry
+        else:
+            # Everything else in the entry is checked already or is ours (strings,
+            # safe integers): only the result still needs a look.
+            simple = inputs_simple and (
+                not outcome.has_value or encoding.check_value(outcome.value)
+            )
+            seq = log.stage_canonical(encoding.canonical_checked(entry, simple))
         if outcome.error is not None:
             return CallResult(seq, None, VMCallError(*outcome.error))
         return CallResult(seq, outcome.value if outcome.has_value else None, None)

@@ -158,3 +158,10 @@ def test_same_value_tells_true_from_one():
     assert not encoding.same_value({"res": True}, {"res": 1})
     assert not encoding.same_value([0], [False])
     assert encoding.same_value({"a": [1, 2.0]}, {"a": [1.0, 2]})
+
+
+@given(json_values)
+def test_canonical_checked_with_check_values_answer_is_canonical(value):
+    assert encoding.canonical_checked(value, encoding.check_value(value)) == encoding.canonical(
+        value
+    )

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from libvms.archive import FilesArchive
-from libvms.encoding import canonical
+from libvms.encoding import canonical, parse_canonical
 from libvms.errors import (
     LibVMSError,
     LimitExceeded,
@@ -347,4 +347,28 @@ async def test_sandbox_and_limits_keep_the_vm_serving_and_replay_verifies():
     )
     await Verifier.compare_logs(vm.call_log, replay.call_log)
     await replay.close()
+    await vm.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "fields"),
+    [
+        ([1, "a"], None),
+        ([1.5, 1e21, -0.0], None),
+        ([{"\U0001f600": 1, "\uffee": 2}], None),  # UTF-16 order differs from code points
+        ([1], {"note": 2.25}),
+        ([{"deep": [[[[0.1]]]]}], None),
+    ],
+)
+async def test_logged_entries_are_canonical_whatever_the_values(args, fields):
+    vm = BackendVM(
+        "exports.echo = (...a) => a\n"
+        "exports.half = (x) => ({ v: x / 2, '\\u{1F600}': 1, '\\uFFEE': 2 })"
+    )
+    await vm.deploy()
+    await vm.execute_call("echo", args, call_fields=fields)
+    await vm.execute_call("half", [3])
+    raws = vm.call_log.ledger.raw_range(0, vm.call_log.length)
+    for raw in raws:
+        assert canonical(parse_canonical(raw)) == raw
     await vm.close()
