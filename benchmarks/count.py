@@ -1,0 +1,67 @@
+"""A fixed amount of work to count instructions of, under valgrind's callgrind.
+
+The machine's speed varies from run to run; instruction counts do not. Run a size
+and twice that size, and the difference divided by the extra work is the cost of
+one call or one replayed entry, start-up excluded::
+
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
+        .venv/bin/python benchmarks/count.py calls 2048      # then 6144
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
+        .venv/bin/python benchmarks/count.py replay 4096     # then 8192
+
+``calls N``: N pure calls from 16 concurrent callers, ledgers in memory.
+``replay N``: builds a log of N pure calls in a temporary directory (not counted
+separately: compare runs of the same kind), then replays it with ``check=True``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+
+from libvms.log import CallLog
+from libvms.vm import BackendVM
+
+SCRIPT = "exports.add = (a, b) => a + b\n"
+CALLERS = 16
+
+
+async def calls(n: int) -> None:
+    vm = BackendVM(SCRIPT)
+    await vm.deploy(None, title="count")
+
+    async def caller(k: int) -> None:
+        for i in range(n // CALLERS):
+            await vm.execute_call("add", [i, k])
+
+    await asyncio.gather(*(caller(k) for k in range(CALLERS)))
+    await vm.close()
+
+
+async def replay(n: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="libvms-count-") as tmp:
+        vm = BackendVM(SCRIPT)
+        await vm.deploy(tmp, title="count")
+        for start in range(0, n, 256):
+            await asyncio.gather(
+                *(vm.execute_call("add", [i, 1]) for i in range(start, min(n, start + 256)))
+            )
+        url = vm.files_archive.url
+        await vm.close()
+        log = await CallLog.open(tmp)
+        replayed = await BackendVM.from_call_log(log, {"files_archive_url": url}, check=True)
+        await replayed.close()
+        await log.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kind", choices=["calls", "replay"])
+    parser.add_argument("n", type=int)
+    args = parser.parse_args()
+    asyncio.run(calls(args.n) if args.kind == "calls" else replay(args.n))
+
+
+if __name__ == "__main__":
+    main()
