@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 
 from .errors import TamperError
 
@@ -210,31 +210,6 @@ class MerkleTree:
         if size == 0:
             return EMPTY_ROOT
         return self._range_hash(0, size)
-
-    def prefix_roots(self, start: int, stop: int) -> Iterator[bytes]:
-        """``root(k)`` for each ``k`` in ``[start, stop)``, in order.
-
-        What a replay needs before each entry; cheaper than calling :meth:`root`
-        for each size, since each step reuses the stored subtrees of the last.
-        """
-        self._resolve_size(stop)
-        if not 0 <= start <= stop:
-            raise ValueError(f"start {start} out of range for stop {stop}")
-        levels = self._levels
-        frontier = self._pieces(0, start)
-        for k in range(start, stop):
-            yield _fold_right(frontier) if frontier else EMPTY_ROOT
-            # Add leaf k; each subtree it completes is already stored a level up.
-            offset = k * HASH_SIZE
-            frontier.append(bytes(levels[0][offset : offset + HASH_SIZE]))
-            count = k + 1
-            height = 0
-            while not count & 1:
-                count >>= 1
-                height += 1
-                offset = (count - 1) * HASH_SIZE
-                del frontier[-2:]
-                frontier.append(bytes(levels[height][offset : offset + HASH_SIZE]))
 
     def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]:
         """Audit path PATH(index, D[size]) of RFC 9162 §2.1.3.1, leaf side first."""

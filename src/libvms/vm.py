@@ -53,7 +53,7 @@ logger = logging.getLogger("libvms.vm")
 #: Calls allowed to wait for a VM at once (the seed's limit).
 MAX_QUEUE = 1000
 
-_SEED_DOMAIN = b"libvms/random/v1\x00"
+_SEED_DOMAIN = b"libvms/random/v2\x00"
 
 OracleFn = Callable[..., Any]
 
@@ -63,9 +63,13 @@ def runtime_info() -> dict[str, str]:
     return {"engine": ENGINE_NAME, "version": ENGINE_VERSION, "prelude": PRELUDE_VERSION}
 
 
-def derive_seed(root_before: bytes, seq: int) -> bytes:
-    """The PRNG seed of the call at log index ``seq``: logged data only (docs/formats.md)."""
-    return encoding.sha256(_SEED_DOMAIN + root_before + seq.to_bytes(8, "big"))
+def derive_seed(init_leaf: bytes, seq: int) -> bytes:
+    """The PRNG seed of the call at log index ``seq``: logged data only (docs/formats.md).
+
+    ``init_leaf`` is the leaf hash of the log's init entry, so each VM draws its
+    own numbers; one hash per call, whatever the log's length.
+    """
+    return encoding.sha256(_SEED_DOMAIN + init_leaf + seq.to_bytes(8, "big"))
 
 
 def _now_ms() -> int:
@@ -498,7 +502,7 @@ class BackendVM:
                 args,
                 caller_id=user_id,
                 timestamp_ms=timestamp,
-                seed=derive_seed(log.ledger.tree.root(), seq),
+                seed=derive_seed(log.ledger.tree.leaf(0), seq),
                 host=host,
             )
         except LimitExceeded as exc:
@@ -530,13 +534,13 @@ class BackendVM:
     ) -> AsyncIterator[tuple[int, Any, bytes, dict[str, Any]]]:
         """Replay ``source``'s entries from ``start`` on; yields (seq, entry, logged, produced)."""
         total = source.length
-        roots = source.ledger.tree.prefix_roots(start, total)
+        init_leaf = source.ledger.tree.leaf(0)
         for base in range(start, total, 1000):
             raws = source.ledger.raw_range(base, min(total, base + 1000))
             for offset, raw in enumerate(raws):
                 seq = base + offset
                 entry = encoding.parse_verified(raw)
-                produced = await self._replay_entry(runtime, archive, entry, seq, next(roots))
+                produced = await self._replay_entry(runtime, archive, entry, seq, init_leaf)
                 self._last_timestamp = max(self._last_timestamp, int(entry["call"]["timestamp"]))
                 yield seq, entry, raw, produced
 
@@ -546,7 +550,7 @@ class BackendVM:
         archive: FilesArchive,
         entry: Any,
         seq: int,
-        root_before: bytes,
+        init_leaf: bytes,
     ) -> dict[str, Any]:
         """Re-execute logged call ``seq`` on ``archive``; returns the entry it produces."""
         try:
@@ -577,7 +581,7 @@ class BackendVM:
                 args,
                 caller_id=user_id,
                 timestamp_ms=timestamp,
-                seed=derive_seed(root_before, seq),
+                seed=derive_seed(init_leaf, seq),
                 host=host,
             )
         except LimitExceeded as exc:

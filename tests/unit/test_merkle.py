@@ -367,19 +367,6 @@ def test_append_matches_bulk_build(hashes: list[bytes]) -> None:
         assert incremental.consistency_proof(old) == bulk.consistency_proof(old)
 
 
-@hsettings(60)
-@given(hashes=leaf_lists, data=st.data())
-def test_prefix_roots_match_root(hashes: list[bytes], data: st.DataObject) -> None:
-    tree = MerkleTree.from_leaf_hashes(hashes)
-    stop = data.draw(st.integers(0, len(hashes)), label="stop")
-    start = data.draw(st.integers(0, stop), label="start")
-    assert list(tree.prefix_roots(start, stop)) == [root_of(hashes[:k]) for k in range(start, stop)]
-    with pytest.raises(ValueError):
-        list(tree.prefix_roots(0, len(hashes) + 1))
-    with pytest.raises(ValueError):
-        list(tree.prefix_roots(stop + 1, stop))
-
-
 @hsettings(40)
 @given(hashes=leaf_lists, extra=leaf_lists, data=st.data())
 def test_truncate(hashes: list[bytes], extra: list[bytes], data: st.DataObject) -> None:

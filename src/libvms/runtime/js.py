@@ -97,7 +97,7 @@ ENGINE_VERSION: str = importlib.metadata.version("quickjs-ng")
 
 #: Version of the prelude's observable behaviour. Bump it whenever a script could
 #: see a difference (globals, Date formatting, PRNG, timer order, encodings...).
-PRELUDE_VERSION = "1"
+PRELUDE_VERSION = "2"
 
 #: Console lines kept per call (or load); further lines are dropped with a note.
 MAX_LOG_LINES = 1000
