@@ -10,6 +10,7 @@ one call or one replayed entry, start-up excluded::
         .venv/bin/python benchmarks/count.py replay 4096     # then 8192
 
 ``calls N``: N pure calls from 16 concurrent callers, ledgers in memory.
+``writes N``: N calls that each write a new 64-byte file content, the same way.
 ``replay N``: builds a log of N pure calls in a temporary directory (not counted
 separately: compare runs of the same kind), then replays it with ``check=True``.
 """
@@ -23,17 +24,26 @@ import tempfile
 from libvms.log import CallLog
 from libvms.vm import BackendVM
 
-SCRIPT = "exports.add = (a, b) => a + b\n"
+SCRIPT = """
+exports.add = (a, b) => a + b
+exports.write = async (text) => {
+  await System.files.writeFile('/data.txt', text)
+  return text.length
+}
+"""
 CALLERS = 16
 
 
-async def calls(n: int) -> None:
+async def calls(n: int, writes: bool = False) -> None:
     vm = BackendVM(SCRIPT)
     await vm.deploy(None, title="count")
 
     async def caller(k: int) -> None:
         for i in range(n // CALLERS):
-            await vm.execute_call("add", [i, k])
+            if writes:
+                await vm.execute_call("write", [f"caller {k:03d} call {i:07d} ".ljust(64, ".")])
+            else:
+                await vm.execute_call("add", [i, k])
 
     await asyncio.gather(*(caller(k) for k in range(CALLERS)))
     await vm.close()
@@ -57,10 +67,13 @@ async def replay(n: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["calls", "replay"])
+    parser.add_argument("kind", choices=["calls", "writes", "replay"])
     parser.add_argument("n", type=int)
     args = parser.parse_args()
-    asyncio.run(calls(args.n) if args.kind == "calls" else replay(args.n))
+    if args.kind == "replay":
+        asyncio.run(replay(args.n))
+    else:
+        asyncio.run(calls(args.n, writes=args.kind == "writes"))
 
 
 if __name__ == "__main__":

@@ -108,28 +108,33 @@ class Ledger:
         self.store.remove_commit_hook(self._commit_hook)
 
     def _load_and_verify(self) -> None:
-        rows = self.store.query("SELECT value FROM meta WHERE key = ?", (self._ckpt_key,))
-        if not rows:
-            checkpoint = Checkpoint(self.origin, 0, merkle.EMPTY_ROOT)
-            text: str | None = None
-        else:
-            value = rows[0][0]
-            if not isinstance(value, bytes):
-                raise TamperError(f"{self.name} checkpoint is not stored as bytes")
-            text = value.decode("utf-8", errors="replace")
-            checkpoint = open_checkpoint(text, self.verifier)
-        leaf_hash = merkle.leaf_hash
-        tree = merkle.MerkleTree()
-        stored = self.store.iterate(f"SELECT seq, data, leaf FROM {self._table} ORDER BY seq")
-        for expected, (seq, data, leaf) in enumerate(stored):
-            if seq != expected:
-                raise TamperError(f"{self.name} entry {expected} is missing", where=str(expected))
-            computed = leaf_hash(self._blob_column(seq, data))
-            if computed != leaf:
-                raise TamperError(
-                    f"{self.name} entry {seq} does not match its stored hash", where=str(seq)
-                )
-            tree.append(computed)
+        # One read transaction: a commit landing meanwhile (another process on this
+        # directory) cannot pair an old checkpoint with newer entries.
+        with self.store.snapshot():
+            rows = self.store.query("SELECT value FROM meta WHERE key = ?", (self._ckpt_key,))
+            if not rows:
+                checkpoint = Checkpoint(self.origin, 0, merkle.EMPTY_ROOT)
+                text: str | None = None
+            else:
+                value = rows[0][0]
+                if not isinstance(value, bytes):
+                    raise TamperError(f"{self.name} checkpoint is not stored as bytes")
+                text = value.decode("utf-8", errors="replace")
+                checkpoint = open_checkpoint(text, self.verifier)
+            leaf_hash = merkle.leaf_hash
+            tree = merkle.MerkleTree()
+            stored = self.store.iterate(f"SELECT seq, data, leaf FROM {self._table} ORDER BY seq")
+            for expected, (seq, data, leaf) in enumerate(stored):
+                if seq != expected:
+                    raise TamperError(
+                        f"{self.name} entry {expected} is missing", where=str(expected)
+                    )
+                computed = leaf_hash(self._blob_column(seq, data))
+                if computed != leaf:
+                    raise TamperError(
+                        f"{self.name} entry {seq} does not match its stored hash", where=str(seq)
+                    )
+                tree.append(computed)
         if tree.size != checkpoint.size:
             raise TamperError(
                 f"{self.name} holds {tree.size} entries but its signed checkpoint covers "

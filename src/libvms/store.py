@@ -5,11 +5,12 @@ log entry and its archive mutations commit in one transaction: after a crash
 the directory holds both or neither.
 
 Writes are *staged* synchronously (in memory, in order) and made durable by
-:meth:`Store.flush`. One writer thread commits everything staged so far in a
-single transaction; whatever is staged while that commit's fsync runs goes
-into the next one. Many concurrent appends therefore share one fsync and one
-checkpoint signature per ledger (group commit), and an append is durable when
-its ``await`` returns.
+:meth:`Store.flush`. A writer process (:mod:`libvms.writer`) commits
+everything staged so far in a single transaction; whatever is staged while
+that commit's fsync runs goes into the next one. Many concurrent appends
+therefore share one fsync and one checkpoint signature per ledger (group
+commit), and an append is durable when its ``await`` returns. Reads use the
+store's own connection and see what is committed.
 """
 
 from __future__ import annotations
@@ -17,14 +18,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import marshal
+import os
 import re
+import select
 import sqlite3
+import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from . import writer
 from .errors import LibVMSError, TamperError
 
 DB_FILENAME = "libvms.db"
@@ -116,6 +124,91 @@ class _Commit(NamedTuple):
     done: Future[None]
 
 
+_LENGTH = struct.Struct(">I")
+
+
+class _Writer:
+    """The writer process of one database file, and the one commit it may hold."""
+
+    def __init__(self, path: Path) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-I", writer.__file__, str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            bufsize=0,
+        )
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._sink = self._proc.stdin.fileno()
+        self.source = self._proc.stdout.fileno()
+        self.pending: Future[None] | None = None
+        self._poll = select.poll()
+        self._poll.register(self.source, select.POLLIN)
+
+    def send(self, statements: list[tuple[str, Sequence[Any]]]) -> Future[None]:
+        """Start committing ``statements``; the future is done once :meth:`receive` ran."""
+        assert self.pending is None, "one commit at a time"
+        done: Future[None] = Future()
+        try:
+            body = marshal.dumps(statements)
+        except ValueError as exc:
+            done.set_exception(StoreError(f"a staged value cannot be stored: {exc}"))
+            return done
+        try:
+            _write_all(self._sink, _LENGTH.pack(len(body)) + body)
+        except OSError as exc:
+            done.set_exception(StoreError(f"the writer process is gone ({exc})"))
+            return done
+        self.pending = done
+        return done
+
+    def replied(self) -> bool:
+        """Whether the pending commit's reply can be read without waiting."""
+        return self.pending is not None and bool(self._poll.poll(0))
+
+    def receive(self) -> None:
+        """Read the pending commit's reply (blocks until it comes) and settle its future."""
+        done, self.pending = self.pending, None
+        if done is None:
+            return
+        header = _read_exact(self.source, _LENGTH.size)
+        reply = _read_exact(self.source, _LENGTH.unpack(header)[0]) if header else None
+        if reply is None:
+            done.set_exception(StoreError(f"the writer process exited (code {self._proc.poll()})"))
+        elif reply:
+            done.set_exception(StoreError(reply.decode("utf-8", "replace")))
+        else:
+            done.set_result(None)
+
+    def close(self) -> None:
+        """Finish the pending commit, then end the process."""
+        self.receive()
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # pragma: no cover - a hung SQLite
+            self._proc.kill()
+            self._proc.wait()
+        self._proc.stdout.close()
+
+
+def _read_exact(fd: int, size: int) -> bytes | None:
+    chunks = []
+    while size:
+        chunk = os.read(fd, size)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class Store:
     """One SQLite database (a file, or memory when ``path`` is None).
 
@@ -130,15 +223,10 @@ class Store:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._refs = 1
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         target = ":memory:" if path is None else str(path)
         try:
-            self._conn = sqlite3.connect(target, check_same_thread=False, isolation_level=None)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            # FULL: in WAL mode NORMAL does not fsync at commit, and an append
-            # must survive power loss once acknowledged.
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.execute("PRAGMA journal_size_limit=67108864")
+            self._conn = writer.connect(target)
             self._conn.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise TamperError(f"database {target} is unreadable: {exc}", where=target) from exc
@@ -147,7 +235,8 @@ class Store:
         self._waiters: list[asyncio.Future[None]] = []
         self._inflight: _Commit | None = None
         self._pump_scheduled = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="libvms-store")
+        self._writer: _Writer | None = None  # started with the first commit on disk
+        self._reading: asyncio.AbstractEventLoop | None = None  # watches the writer's replies
         self._failed: BaseException | None = None
         self.commits = 0
 
@@ -180,7 +269,10 @@ class Store:
                 return
             if self.path is not None:
                 self._registry.pop(self.path, None)
-        self._executor.shutdown(wait=True)
+        if self._writer is not None:
+            self._stop_reading()
+            self._writer.close()
+            self._writer = None
         with self._lock:
             self._conn.close()
 
@@ -206,6 +298,17 @@ class Store:
                     rows = cursor.fetchmany(chunk)
         except sqlite3.DatabaseError as exc:
             raise TamperError(f"database read failed: {exc}", where=str(self.path)) from exc
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Make the reads inside one read transaction: one consistent state, even
+        while commits land (from this process's writer or another process)."""
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                yield
+            finally:
+                self._conn.execute("COMMIT")
 
     def execute_now(self, sql: str, params: Sequence[Any] = ()) -> None:
         """Run one write immediately in its own transaction (schema setup, tests)."""
@@ -249,13 +352,14 @@ class Store:
                 # yields, so the calls already queued on the event loop run while
                 # its fsync does.
                 self._pump(loop)
-            elif commit.done.done() and len(self._waiters) >= len(commit.waiters):
-                # The writer has finished, but its report waits behind the calls
+            elif len(self._waiters) >= len(commit.waiters) and self._finished(commit):
+                # The writer has finished, but its reply waits behind the calls
                 # queued on the loop. Once as many calls wait as that commit
                 # held, take it and start the next: consecutive commits stay
                 # about equal, each half's execution overlapping the other's
                 # fsync. (Starting whatever is staged at once makes commits
-                # small and slower; waiting for the report makes them lopsided.)
+                # small and slower; waiting for the loop to read the reply makes
+                # them lopsided: 15 calls and 1.)
                 self._pump(loop)
         elif not self._pump_scheduled:
             # Memory costs nothing to wait for: let every call that is ready to
@@ -267,16 +371,27 @@ class Store:
     def flush_sync(self) -> None:
         """Commit everything staged now, blocking (used by close and tests)."""
         self._check()
+        commit = self._inflight
+        if commit is not None:
+            # A commit the event loop started: it ends first.
+            self._inflight = None
+            if not commit.done.done():
+                self._stop_reading()
+                assert self._writer is not None
+                self._writer.receive()
+            self._finish(commit)
+            self._check()
         batch = self._take_batch()
         if batch:
             self._commit(batch)
+            self.commits += 1
             self._after_commit()
 
     def _pump(self, loop: asyncio.AbstractEventLoop) -> None:
         """Finish the commit in flight if it is done; start the next if anyone waits.
 
-        Runs when the writer thread reports a commit done, when a memory store's
-        calls have staged, and on a flush that finds the writer free or finished.
+        Runs when the writer's reply arrives, when a memory store's calls have
+        staged, and on a flush that finds the writer free or finished.
         """
         self._pump_scheduled = False
         while True:
@@ -288,32 +403,62 @@ class Store:
                 self._finish(commit)
             if not self._waiters or self._failed is not None:
                 return
-            commit = self._start_commit()
+            commit = self._start_commit(loop)
             self._inflight = commit
             if not commit.done.done():
-                commit.done.add_done_callback(lambda _: self._wake(loop))
                 return
 
-    def _wake(self, loop: asyncio.AbstractEventLoop) -> None:
-        # Runs in the writer thread when a commit ends.
-        with contextlib.suppress(RuntimeError):  # a closed loop has nobody left to wake
-            loop.call_soon_threadsafe(self._pump, loop)
-
-    def _start_commit(self) -> _Commit:
+    def _start_commit(self, loop: asyncio.AbstractEventLoop) -> _Commit:
         """Take every waiter and staged write, and start committing them."""
         waiters, self._waiters = self._waiters, []
         batch = self._take_batch()
         if batch and self.path is not None:
-            statements = list(_statements(batch))  # prepared here: the writer thread only runs them
-            return _Commit(waiters, True, self._executor.submit(self._run, statements))
-        done: Future[None] = Future()
+            done = self._writer_process().send(list(_statements(batch)))
+            if not done.done():
+                self._read_replies(loop)
+            return _Commit(waiters, True, done)
+        done = Future()
         try:
             if batch:
-                self._commit(batch)  # memory: nothing to wait for, no thread needed
+                self._commit(batch)  # memory: nothing to wait for, no process needed
             done.set_result(None)
         except BaseException as exc:
             done.set_exception(exc)
         return _Commit(waiters, bool(batch), done)
+
+    def _finished(self, commit: _Commit) -> bool:
+        """Whether ``commit`` is done, reading the writer's reply if it is there."""
+        if not commit.done.done() and self._writer is not None and self._writer.replied():
+            self._writer.receive()
+        return commit.done.done()
+
+    def _writer_process(self) -> _Writer:
+        if self._writer is None:
+            assert self.path is not None
+            self._writer = _Writer(self.path)
+        return self._writer
+
+    def _read_replies(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Have ``loop`` read the writer's reply when it comes (no thread involved)."""
+        if self._reading is loop:
+            return
+        self._stop_reading()
+        assert self._writer is not None
+        loop.add_reader(self._writer.source, self._on_reply, loop)
+        self._reading = loop
+
+    def _stop_reading(self) -> None:
+        loop, self._reading = self._reading, None
+        if loop is not None and self._writer is not None and not loop.is_closed():
+            loop.remove_reader(self._writer.source)
+
+    def _on_reply(self, loop: asyncio.AbstractEventLoop) -> None:
+        writer = self._writer
+        if writer is None or writer.pending is None:
+            self._stop_reading()
+            return
+        writer.receive()
+        self._pump(loop)
 
     def _finish(self, commit: _Commit) -> None:
         """Wake the waiters of a finished commit, or fail them and every later one."""
@@ -326,6 +471,7 @@ class Store:
             self._waiters = []
             return
         if commit.wrote:
+            self.commits += 1
             self._after_commit()
         for waiter in commit.waiters:
             if not waiter.done():
@@ -345,20 +491,17 @@ class Store:
             after()
 
     def _commit(self, batch: list[Write]) -> None:
-        self._run(list(_statements(batch)))
-
-    def _run(self, statements: list[tuple[str, Sequence[Any]]]) -> None:
-        with self._lock:
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for sql, params in statements:
-                    conn.execute(sql, params)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            self.commits += 1
+        """Commit ``batch`` now, blocking until it is durable."""
+        statements = list(_statements(batch))
+        if self.path is None:
+            with self._lock:
+                writer.run(self._conn, statements)
+        else:
+            process = self._writer_process()
+            done = process.send(statements)
+            if not done.done():
+                process.receive()
+            done.result()
 
     def _check(self) -> None:
         if self._failed is not None:

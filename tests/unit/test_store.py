@@ -104,10 +104,13 @@ def test_runs_of_one_insert_become_few_statements() -> None:
 
 async def test_writes_staged_during_a_commit_go_into_the_next(tmp_path: Path) -> None:
     store = Store.open(tmp_path)
+    # Another connection holds the write lock: the writer process waits inside the
+    # first commit until it is released.
+    other = sqlite3.connect(tmp_path / "libvms.db", isolation_level=None)
     try:
         store.execute_now(SCHEMA)
         before = store.commits
-        store._lock.acquire()  # holds the writer thread inside the first commit
+        other.execute("BEGIN IMMEDIATE")
         try:
             store.stage(INSERT, (1, "a"))
             first = asyncio.ensure_future(store.flush())
@@ -118,13 +121,53 @@ async def test_writes_staged_during_a_commit_go_into_the_next(tmp_path: Path) ->
             third = asyncio.ensure_future(store.flush())
             await asyncio.sleep(0)
             assert not first.done()
+            # Reads go on while a commit waits: they see what is committed.
+            assert store.query("SELECT count(*) FROM t") == [(0,)]
         finally:
-            store._lock.release()
+            other.execute("COMMIT")
         await asyncio.gather(first, second, third)
         assert store.commits - before == 2
         assert store.query("SELECT k, v FROM t ORDER BY k") == [(1, "a"), (2, "b"), (3, "c")]
     finally:
+        other.close()
         store.close()
+
+
+async def test_a_dead_writer_process_fails_the_commit_and_keeps_what_was_durable(
+    tmp_path: Path,
+) -> None:
+    store = Store.open(tmp_path)
+    try:
+        store.execute_now(SCHEMA)
+        store.stage(INSERT, (1, "a"))
+        await store.flush()
+        assert store._writer is not None
+        store._writer._proc.kill()
+        store._writer._proc.wait()
+        store.stage(INSERT, (2, "b"))
+        with pytest.raises(StoreError, match="writer process"):
+            await store.flush()
+        with pytest.raises(StoreError, match="reopen"):
+            store.stage(INSERT, (3, "c"))
+        assert store.query("SELECT k, v FROM t ORDER BY k") == [(1, "a")]
+    finally:
+        store.close()
+
+
+def test_flush_sync_commits_on_disk_without_an_event_loop(tmp_path: Path) -> None:
+    store = Store.open(tmp_path)
+    try:
+        store.execute_now(SCHEMA)
+        store.stage(INSERT, (1, "a"))
+        store.flush_sync()
+        assert store.commits == 1
+    finally:
+        store.close()
+    again = Store.open(tmp_path)
+    try:
+        assert again.query("SELECT k, v FROM t") == [(1, "a")]
+    finally:
+        again.close()
 
 
 @pytest.mark.parametrize("on_disk", [True, False])
