@@ -19,11 +19,9 @@ import asyncio
 import contextlib
 import functools
 import marshal
-import os
 import re
 import select
 import sqlite3
-import struct
 import subprocess
 import sys
 import threading
@@ -124,9 +122,6 @@ class _Commit(NamedTuple):
     done: Future[None]
 
 
-_LENGTH = struct.Struct(">I")
-
-
 class _Writer:
     """The writer process of one database file, and the one commit it may hold."""
 
@@ -154,7 +149,7 @@ class _Writer:
             done.set_exception(StoreError(f"a staged value cannot be stored: {exc}"))
             return done
         try:
-            _write_all(self._sink, _LENGTH.pack(len(body)) + body)
+            writer.write_all(self._sink, writer.LENGTH.pack(len(body)) + body)
         except OSError as exc:
             done.set_exception(StoreError(f"the writer process is gone ({exc})"))
             return done
@@ -170,8 +165,8 @@ class _Writer:
         done, self.pending = self.pending, None
         if done is None:
             return
-        header = _read_exact(self.source, _LENGTH.size)
-        reply = _read_exact(self.source, _LENGTH.unpack(header)[0]) if header else None
+        header = writer.read_exact(self.source, writer.LENGTH.size)
+        reply = writer.read_exact(self.source, writer.LENGTH.unpack(header)[0]) if header else None
         if reply is None:
             done.set_exception(StoreError(f"the writer process exited (code {self._proc.poll()})"))
         elif reply:
@@ -190,23 +185,6 @@ class _Writer:
             self._proc.kill()
             self._proc.wait()
         self._proc.stdout.close()
-
-
-def _read_exact(fd: int, size: int) -> bytes | None:
-    chunks = []
-    while size:
-        chunk = os.read(fd, size)
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 class Store:

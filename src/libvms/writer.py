@@ -35,14 +35,15 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-_LENGTH = struct.Struct(">I")
+#: The length prefix of every message, both ways.
+LENGTH = struct.Struct(">I")
 
 #: How long a commit waits for another connection's write lock (schema
 #: changes the parent makes, or another process on the same directory).
 BUSY_TIMEOUT_MS = 30_000
 
 
-def _read_exact(fd: int, size: int) -> bytes | None:
+def read_exact(fd: int, size: int) -> bytes | None:
     """``size`` bytes from ``fd``, or None at end of input."""
     chunks = []
     while size:
@@ -54,7 +55,7 @@ def _read_exact(fd: int, size: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
@@ -89,10 +90,10 @@ def main() -> None:
     conn = connect(sys.argv[1])
     source, sink = sys.stdin.fileno(), sys.stdout.fileno()
     while True:
-        header = _read_exact(source, _LENGTH.size)
+        header = read_exact(source, LENGTH.size)
         if header is None:
             break
-        body = _read_exact(source, _LENGTH.unpack(header)[0])
+        body = read_exact(source, LENGTH.unpack(header)[0])
         if body is None:
             break
         try:
@@ -100,7 +101,7 @@ def main() -> None:
             reply = b""
         except Exception as exc:  # reported to the parent, which fails the commit
             reply = f"{type(exc).__name__}: {exc}".encode("utf-8", "replace") or b"?"
-        _write_all(sink, _LENGTH.pack(len(reply)) + reply)
+        write_all(sink, LENGTH.pack(len(reply)) + reply)
     conn.close()
 
 
