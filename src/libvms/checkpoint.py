@@ -358,6 +358,22 @@ def sign_checkpoint(cp: Checkpoint, signer: Keypair, name: str | None = None) ->
     return note.to_bytes().decode("utf-8")
 
 
+def checkpoint_signing(
+    cp: Checkpoint, public_key: bytes, name: str | None = None
+) -> tuple[bytes, bytes, bytes]:
+    """``(text, head, key_id)``: what it takes to sign ``cp`` somewhere else.
+
+    The signed note is ``head + base64(key_id || Ed25519(text)) + LF``, byte for
+    byte what :func:`sign_checkpoint` returns with the matching private key
+    (Ed25519 signatures are deterministic). The store's writer process signs this way.
+    """
+    name = cp.origin if name is None else name
+    if not is_valid_key_name(name):
+        raise ValueError(f"invalid key name {name!r}")
+    text = cp.to_bytes()
+    return text, text + f"\n{_SIG_PREFIX}{name} ".encode(), key_id(name, public_key)
+
+
 def open_checkpoint(note_text: bytes | str, key: VerifierKey) -> Checkpoint:
     """Verify a signed checkpoint with ``key`` and return it.
 

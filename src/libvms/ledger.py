@@ -18,10 +18,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import encoding, merkle
-from .checkpoint import Checkpoint, open_checkpoint, sign_checkpoint
+from .checkpoint import Checkpoint, checkpoint_signing, open_checkpoint
 from .errors import EncodingError, LibVMSError, TamperError
 from .keys import Keypair, VerifierKey, ledger_url
 from .store import Store, Write
+from .writer import Signature
 
 _NAME = re.compile(r"^[a-z_]+$")
 
@@ -58,7 +59,8 @@ class Ledger:
         self._staged: dict[int, bytes] = {}
         self._signed_size = -1
         self._checkpoint_text: str | None = None
-        self._batch_checkpoint: str | None = None
+        self._batch_signature: Signature | None = None  # this commit's checkpoint
+        self._seed: bytes | None = None  # the private key's, once needed
         self._ckpt_key = f"{name}.checkpoint"
         self._pub_key = f"{name}.public_key"
         store.execute_now(
@@ -240,25 +242,30 @@ class Ledger:
     def _on_durable(self) -> None:
         for seq in [s for s in self._staged if s < self._batch_size]:
             del self._staged[seq]
-        if self._batch_checkpoint is not None:
-            self._checkpoint_text = self._batch_checkpoint
-            self._batch_checkpoint = None
+        signature = self._batch_signature
+        if signature is not None and signature.value is not None:
+            self._checkpoint_text = signature.value.decode()
+            self._batch_signature = None
 
-    def _commit_hook(self) -> list[Write]:
+    def _commit_hook(self) -> list[Write | Signature]:
         self._batch_size = self.tree.size
         if self.tree.size == self._signed_size or self.keypair is None:
             return []
         checkpoint = Checkpoint(self.origin, self.tree.size, self.tree.root())
-        text = sign_checkpoint(checkpoint, self.keypair)
+        text, head, key_id = checkpoint_signing(checkpoint, self.public_key)
+        if self._seed is None:
+            self._seed = self.keypair.private_bytes
+        signature = Signature(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            self._ckpt_key,
+            text,
+            head,
+            key_id,
+            self._seed,
+        )
         self._signed_size = self.tree.size
-        self._batch_checkpoint = text
-        return [
-            (
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                (self._ckpt_key, text.encode()),
-                False,
-            )
-        ]
+        self._batch_signature = signature
+        return [signature]
 
     def check_extension(self, entries: Sequence[bytes], checkpoint_text: str) -> list[bytes]:
         """Raise unless :meth:`extend_verified` would accept ``entries``; changes nothing.

@@ -32,10 +32,13 @@ from typing import Any, NamedTuple
 
 from . import writer
 from .errors import LibVMSError, TamperError
+from .writer import Signature
 
 DB_FILENAME = "libvms.db"
 
 Write = tuple[str, Sequence[Any] | Iterable[Sequence[Any]], bool]
+#: A commit hook: what joins the commit about to start.
+Hook = Callable[[], "list[Write | Signature]"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -138,22 +141,32 @@ class _Writer:
         self.pending: Future[None] | None = None
         self._poll = select.poll()
         self._poll.register(self.source, select.POLLIN)
+        self._signatures: list[Signature] = []
+        # First message: the parent's import path, for the signing library.
+        self._write(marshal.dumps([p for p in sys.path if isinstance(p, str)]))
 
-    def send(self, statements: list[tuple[str, Sequence[Any]]]) -> Future[None]:
-        """Start committing ``statements``; the future is done once :meth:`receive` ran."""
+    def _write(self, body: bytes) -> None:
+        writer.write_all(self._sink, writer.LENGTH.pack(len(body)) + body)
+
+    def send(
+        self, statements: list[tuple[str, Sequence[Any]]], signatures: list[Signature]
+    ) -> Future[None]:
+        """Start committing ``statements`` and ``signatures``; the future is done once
+        :meth:`receive` ran, and each signature's value is set then."""
         assert self.pending is None, "one commit at a time"
         done: Future[None] = Future()
         try:
-            body = marshal.dumps(statements)
+            body = marshal.dumps((statements, [sig.fields() for sig in signatures]))
         except ValueError as exc:
             done.set_exception(StoreError(f"a staged value cannot be stored: {exc}"))
             return done
         try:
-            writer.write_all(self._sink, writer.LENGTH.pack(len(body)) + body)
+            self._write(body)
         except OSError as exc:
             done.set_exception(StoreError(f"the writer process is gone ({exc})"))
             return done
         self.pending = done
+        self._signatures = signatures
         return done
 
     def replied(self) -> bool:
@@ -167,11 +180,14 @@ class _Writer:
             return
         header = writer.read_exact(self.source, writer.LENGTH.size)
         reply = writer.read_exact(self.source, writer.LENGTH.unpack(header)[0]) if header else None
+        signatures, self._signatures = self._signatures, []
         if reply is None:
             done.set_exception(StoreError(f"the writer process exited (code {self._proc.poll()})"))
-        elif reply:
-            done.set_exception(StoreError(reply.decode("utf-8", "replace")))
+        elif reply[:1] != b"\x00":
+            done.set_exception(StoreError(reply[1:].decode("utf-8", "replace")))
         else:
+            for signature, value in zip(signatures, marshal.loads(reply[1:]), strict=True):
+                signature.value = value
             done.set_result(None)
 
     def close(self) -> None:
@@ -209,7 +225,7 @@ class Store:
         except sqlite3.DatabaseError as exc:
             raise TamperError(f"database {target} is unreadable: {exc}", where=target) from exc
         self._pending: list[Write] = []
-        self._hooks: list[tuple[Callable[[], list[Write]], Callable[[], None]]] = []
+        self._hooks: list[tuple[Hook, Callable[[], None]]] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._inflight: _Commit | None = None
         self._pump_scheduled = False
@@ -305,16 +321,17 @@ class Store:
         self._check()
         self._pending.append((sql, list(rows), True))
 
-    def add_commit_hook(self, before: Callable[[], list[Write]], after: Callable[[], None]) -> None:
+    def add_commit_hook(self, before: Hook, after: Callable[[], None]) -> None:
         """Register a pair of callbacks run on the event loop around each commit.
 
         ``before`` runs just before a commit and its writes join that commit:
         ledgers add one signed checkpoint covering exactly the entries staged so
-        far. ``after`` runs once that commit is durable.
+        far, as a :class:`~libvms.writer.Signature` that the writer signs. ``after``
+        runs once that commit is durable (and its signatures' values are set).
         """
         self._hooks.append((before, after))
 
-    def remove_commit_hook(self, before: Callable[[], list[Write]]) -> None:
+    def remove_commit_hook(self, before: Hook) -> None:
         self._hooks = [h for h in self._hooks if h[0] is not before]
 
     async def flush(self) -> None:
@@ -359,9 +376,9 @@ class Store:
                 self._writer.receive()
             self._finish(commit)
             self._check()
-        batch = self._take_batch()
+        batch, signatures = self._take_batch()
         if batch:
-            self._commit(batch)
+            self._commit(batch, signatures)
             self.commits += 1
             self._after_commit()
 
@@ -389,16 +406,16 @@ class Store:
     def _start_commit(self, loop: asyncio.AbstractEventLoop) -> _Commit:
         """Take every waiter and staged write, and start committing them."""
         waiters, self._waiters = self._waiters, []
-        batch = self._take_batch()
+        batch, signatures = self._take_batch()
         if batch and self.path is not None:
-            done = self._writer_process().send(list(_statements(batch)))
+            done = self._writer_process().send(list(_statements(batch)), signatures)
             if not done.done():
                 self._read_replies(loop)
             return _Commit(waiters, True, done)
         done = Future()
         try:
             if batch:
-                self._commit(batch)  # memory: nothing to wait for, no process needed
+                self._commit(batch, signatures)  # memory: nothing to wait for, no process
             done.set_result(None)
         except BaseException as exc:
             done.set_exception(exc)
@@ -455,28 +472,35 @@ class Store:
             if not waiter.done():
                 waiter.set_result(None)
 
-    def _take_batch(self) -> list[Write]:
+    def _take_batch(self) -> tuple[list[Write], list[Signature]]:
         if not self._pending:
-            return []
+            return [], []
         batch = self._pending
         self._pending = []
+        signatures: list[Signature] = []
         for before, _after in self._hooks:
-            batch.extend(before())
-        return batch
+            for item in before():
+                if type(item) is Signature:
+                    signatures.append(item)
+                else:
+                    batch.append(item)  # type: ignore[arg-type]
+        return batch, signatures
 
     def _after_commit(self) -> None:
         for _before, after in self._hooks:
             after()
 
-    def _commit(self, batch: list[Write]) -> None:
-        """Commit ``batch`` now, blocking until it is durable."""
+    def _commit(self, batch: list[Write], signatures: list[Signature]) -> None:
+        """Commit ``batch`` and ``signatures`` now, blocking until they are durable."""
         statements = list(_statements(batch))
         if self.path is None:
             with self._lock:
-                writer.run(self._conn, statements)
+                values = writer.run(self._conn, statements, [s.fields() for s in signatures])
+            for signature, value in zip(signatures, values, strict=True):
+                signature.value = value
         else:
             process = self._writer_process()
-            done = process.send(statements)
+            done = process.send(statements, signatures)
             if not done.done():
                 process.receive()
             done.result()

@@ -7,17 +7,25 @@ thread, which is busy running the next calls. Here the statements, the fsync
 and SQLite's checkpoints run on the other core without touching the parent's
 GIL; the parent only sends the statements and reads one short reply.
 
-Standard library only: the store starts it as ``python -I writer.py DB``
-(isolated, so nothing on the parent's path can shadow a standard module).
+The store starts it as ``python -I writer.py DB`` and sends the parent's
+``sys.path`` first (a ``marshal`` list), so it imports what the parent would;
+it needs the standard library and ``cryptography``.
 
 Protocol, over the child's standard input and output, each message a 4-byte
 big-endian length and that many bytes:
 
-* parent -> child: ``marshal`` data of a list of ``(sql, params)``, one
-  transaction. The child runs ``BEGIN IMMEDIATE``, the statements in order,
-  and ``COMMIT`` (``synchronous=FULL``: durable when it returns).
-* child -> parent: an empty message once the transaction is durable, or the
-  error's text after a rollback.
+* parent -> child: ``marshal`` data of ``(statements, signatures)``, one
+  transaction. ``statements`` is a list of ``(sql, params)``; ``signatures``
+  a list of :class:`Signature` fields (signed checkpoints, see below). The
+  child runs ``BEGIN IMMEDIATE``, the statements in order, then stores each
+  signature's value, and ``COMMIT`` (``synchronous=FULL``: durable when it
+  returns).
+* child -> parent: ``0x00`` and ``marshal`` data of the signatures' values,
+  once the transaction is durable; or ``0x01`` and the error's text after a
+  rollback.
+
+Signing here too keeps the Ed25519 signatures (one per commit per changed
+ledger, the largest part of a commit's cost on the event loop) on the other core.
 
 End of input (the parent closed the pipe or died) ends the child once the
 commit in hand is finished. SIGINT is ignored: Ctrl-C at a terminal reaches
@@ -26,13 +34,14 @@ the whole process group, and the parent decides when its writer stops.
 
 from __future__ import annotations
 
+import base64
 import marshal
 import os
 import signal
 import sqlite3
 import struct
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 #: The length prefix of every message, both ways.
@@ -73,22 +82,74 @@ def connect(path: str) -> sqlite3.Connection:
     return conn
 
 
-def run(conn: sqlite3.Connection, statements: Iterable[tuple[str, Any]]) -> None:
-    """Run ``statements`` as one durable transaction, or roll it back and raise."""
+class Signature:
+    """A value to sign and store with a commit: a signed note's last line is made here.
+
+    The stored value is ``head + base64(key_id || Ed25519(seed, text)) + LF``,
+    run as ``sql`` with parameters ``(key, value)``. Ed25519 is deterministic,
+    so the value is the same wherever it is made. ``value`` holds it once the
+    commit is durable.
+    """
+
+    __slots__ = ("head", "key", "key_id", "seed", "sql", "text", "value")
+
+    def __init__(
+        self, sql: str, key: str, text: bytes, head: bytes, key_id: bytes, seed: bytes
+    ) -> None:
+        self.sql, self.key, self.text, self.head = sql, key, text, head
+        self.key_id, self.seed = key_id, seed
+        self.value: bytes | None = None
+
+    def fields(self) -> tuple[str, str, bytes, bytes, bytes, bytes]:
+        """What the writer process is sent (marshal takes plain tuples only)."""
+        return (self.sql, self.key, self.text, self.head, self.key_id, self.seed)
+
+
+_signers: dict[bytes, Any] = {}  # seed -> Ed25519PrivateKey
+
+
+def _signed_value(text: bytes, head: bytes, key_id: bytes, seed: bytes) -> bytes:
+    signer = _signers.get(seed)
+    if signer is None:
+        # Imported here, once the parent's sys.path is in place.
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        signer = _signers[seed] = Ed25519PrivateKey.from_private_bytes(seed)
+    return head + base64.b64encode(key_id + signer.sign(text)) + b"\n"
+
+
+def run(
+    conn: sqlite3.Connection,
+    statements: Iterable[tuple[str, Any]],
+    signatures: Sequence[Sequence[Any]] = (),
+) -> list[bytes]:
+    """Run ``statements`` and store ``signatures`` (their :meth:`Signature.fields`) as
+    one durable transaction, or roll it back and raise. Returns the signed values."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         for sql, params in statements:
             conn.execute(sql, params)
+        values = []
+        for sql, key, text, head, key_id, seed in signatures:
+            value = _signed_value(text, head, key_id, seed)
+            conn.execute(sql, (key, value))
+            values.append(value)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+    return values
 
 
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn = connect(sys.argv[1])
     source, sink = sys.stdin.fileno(), sys.stdout.fileno()
+    header = read_exact(source, LENGTH.size)
+    paths = read_exact(source, LENGTH.unpack(header)[0]) if header else None
+    if paths is None:
+        return
+    sys.path[:] = marshal.loads(paths)
     while True:
         header = read_exact(source, LENGTH.size)
         if header is None:
@@ -97,10 +158,9 @@ def main() -> None:
         if body is None:
             break
         try:
-            run(conn, marshal.loads(body))
-            reply = b""
+            reply = b"\x00" + marshal.dumps(run(conn, *marshal.loads(body)))
         except Exception as exc:  # reported to the parent, which fails the commit
-            reply = f"{type(exc).__name__}: {exc}".encode("utf-8", "replace") or b"?"
+            reply = b"\x01" + f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")
         write_all(sink, LENGTH.pack(len(reply)) + reply)
     conn.close()
 

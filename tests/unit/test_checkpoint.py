@@ -18,6 +18,7 @@ from libvms.checkpoint import (
     InclusionReceipt,
     Note,
     NoteSignature,
+    checkpoint_signing,
     open_checkpoint,
     sign_checkpoint,
     sign_note,
@@ -413,6 +414,21 @@ def test_sign_and_open_checkpoint(signer: Keypair) -> None:
     vkey = VerifierKey("example.com/log", signer.public_key)
     assert open_checkpoint(text, vkey) == cp
     assert open_checkpoint(text.encode(), vkey) == cp
+
+
+@pytest.mark.parametrize("name", [None, "example.com/other"])
+@given(size=st.integers(min_value=0, max_value=MAX_SIZE), root=st.binary(min_size=32, max_size=32))
+def test_checkpoint_signing_parts_make_the_same_note(
+    name: str | None, size: int, root: bytes
+) -> None:
+    # What the store's writer process assembles equals sign_checkpoint's note.
+    signer = Keypair.from_private_bytes(bytes(range(32)))
+    cp = Checkpoint("example.com/log", size, root)
+    text, head, kid = checkpoint_signing(cp, signer.public_key, name)
+    assembled = head + base64.b64encode(kid + signer.sign(text)) + b"\n"
+    assert assembled.decode() == sign_checkpoint(cp, signer, name)
+    with pytest.raises(ValueError, match="key name"):
+        checkpoint_signing(cp, signer.public_key, "bad name")
 
 
 def test_open_checkpoint_origin_must_match_key_name(signer: Keypair) -> None:
