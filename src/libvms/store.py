@@ -229,7 +229,8 @@ class Store:
         self._waiters: list[asyncio.Future[None]] = []
         self._inflight: _Commit | None = None
         self._pump_scheduled = False
-        self._writer: _Writer | None = None  # started with the first commit on disk
+        # Started now, so that its start-up overlaps whatever comes before the first commit.
+        self._writer: _Writer | None = None if path is None else _Writer(path)
         self._reading: asyncio.AbstractEventLoop | None = None  # watches the writer's replies
         self._failed: BaseException | None = None
         self.commits = 0
@@ -408,7 +409,8 @@ class Store:
         waiters, self._waiters = self._waiters, []
         batch, signatures = self._take_batch()
         if batch and self.path is not None:
-            done = self._writer_process().send(list(_statements(batch)), signatures)
+            assert self._writer is not None, "the store is closed"
+            done = self._writer.send(list(_statements(batch)), signatures)
             if not done.done():
                 self._read_replies(loop)
             return _Commit(waiters, True, done)
@@ -426,12 +428,6 @@ class Store:
         if not commit.done.done() and self._writer is not None and self._writer.replied():
             self._writer.receive()
         return commit.done.done()
-
-    def _writer_process(self) -> _Writer:
-        if self._writer is None:
-            assert self.path is not None
-            self._writer = _Writer(self.path)
-        return self._writer
 
     def _read_replies(self, loop: asyncio.AbstractEventLoop) -> None:
         """Have ``loop`` read the writer's reply when it comes (no thread involved)."""
@@ -499,7 +495,8 @@ class Store:
             for signature, value in zip(signatures, values, strict=True):
                 signature.value = value
         else:
-            process = self._writer_process()
+            process = self._writer
+            assert process is not None, "the store is closed"
             done = process.send(statements, signatures)
             if not done.done():
                 process.receive()

@@ -163,6 +163,8 @@ def main() -> None:
             reply = b"\x01" + f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")
         write_all(sink, LENGTH.pack(len(reply)) + reply)
     conn.close()
+    sys.stdout.flush()
+    os._exit(0)  # nothing left to clean up; skips the interpreter's teardown
 
 
 if __name__ == "__main__":
