@@ -266,6 +266,11 @@ class Store:
                 self._registry.pop(self.path, None)
         if self._writer is not None:
             self._stop_reading()
+            commit, self._inflight = self._inflight, None
+            if commit is not None:
+                if not commit.done.done():
+                    self._writer.receive()
+                self._finish(commit)
             self._writer.close()
             self._writer = None
         with self._lock:
@@ -348,6 +353,10 @@ class Store:
                 # yields, so the calls already queued on the event loop run while
                 # its fsync does.
                 self._pump(loop)
+            elif self._reading is not loop:
+                # The commit in flight was started on another event loop (one
+                # that has ended): this loop reads its reply and goes on.
+                self._read_replies(loop)
             elif len(self._waiters) >= len(commit.waiters) and self._finished(commit):
                 # The writer has finished, but its reply waits behind the calls
                 # queued on the loop. Once as many calls wait as that commit

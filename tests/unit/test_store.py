@@ -133,6 +133,33 @@ async def test_writes_staged_during_a_commit_go_into_the_next(tmp_path: Path) ->
         store.close()
 
 
+def test_a_commit_left_in_flight_by_an_ended_loop_finishes_in_the_next(tmp_path: Path) -> None:
+    store = Store.open(tmp_path)
+    other = sqlite3.connect(tmp_path / "libvms.db", isolation_level=None)
+    try:
+        store.execute_now(SCHEMA)
+        other.execute("BEGIN IMMEDIATE")  # keeps the first commit in flight
+
+        async def first() -> None:
+            store.stage(INSERT, (1, "a"))
+            flushing = asyncio.ensure_future(store.flush())
+            await asyncio.sleep(0)
+            assert not flushing.done()  # the loop ends here and cancels it
+
+        asyncio.run(first())
+        other.execute("COMMIT")
+
+        async def second() -> None:
+            store.stage(INSERT, (2, "b"))
+            await store.flush()
+
+        asyncio.run(asyncio.wait_for(second(), timeout=30))  # fails, not hangs
+        assert store.query("SELECT k, v FROM t ORDER BY k") == [(1, "a"), (2, "b")]
+    finally:
+        other.close()
+        store.close()
+
+
 def test_flush_sync_commits_on_disk_without_an_event_loop(tmp_path: Path) -> None:
     store = Store.open(tmp_path)
     try:
