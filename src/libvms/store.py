@@ -126,7 +126,12 @@ class _Commit(NamedTuple):
 
 
 class _Writer:
-    """The writer process of one database file, and the one commit it may hold."""
+    """The writer process of one database file, and the one commit it may hold.
+
+    Messages and replies pair up strictly, one commit at a time. If an exchange
+    is cut short (an interrupt or error mid-write or mid-read), the pairing can
+    no longer be trusted: the process is killed and every later use fails.
+    """
 
     def __init__(self, path: Path) -> None:
         self._proc = subprocess.Popen(
@@ -134,11 +139,16 @@ class _Writer:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             bufsize=0,
+            # Its own session: Ctrl-C, SIGQUIT and SIGHUP for the terminal's
+            # process group do not reach it; it ends when told to, or when its
+            # parent's end of the pipe closes.
+            start_new_session=True,
         )
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._sink = self._proc.stdin.fileno()
         self.source = self._proc.stdout.fileno()
         self.pending: Future[None] | None = None
+        self._broken: str | None = None
         self._poll = select.poll()
         self._poll.register(self.source, select.POLLIN)
         self._signatures: list[Signature] = []
@@ -146,7 +156,17 @@ class _Writer:
         self._write(marshal.dumps([p for p in sys.path if isinstance(p, str)]))
 
     def _write(self, body: bytes) -> None:
-        writer.write_all(self._sink, writer.LENGTH.pack(len(body)) + body)
+        try:
+            writer.write_all(self._sink, writer.LENGTH.pack(len(body)))
+            writer.write_all(self._sink, body)
+        except BaseException as exc:
+            self._break(f"sending a commit failed ({type(exc).__name__}: {exc})")
+            raise
+
+    def _break(self, why: str) -> None:
+        self._broken = why
+        with contextlib.suppress(OSError):
+            self._proc.kill()
 
     def send(
         self, statements: list[tuple[str, Sequence[Any]]], signatures: list[Signature]
@@ -155,6 +175,9 @@ class _Writer:
         :meth:`receive` ran, and each signature's value is set then."""
         assert self.pending is None, "one commit at a time"
         done: Future[None] = Future()
+        if self._broken is not None:
+            done.set_exception(StoreError(f"the writer process was stopped: {self._broken}"))
+            return done
         try:
             body = marshal.dumps((statements, [sig.fields() for sig in signatures]))
         except ValueError as exc:
@@ -175,32 +198,52 @@ class _Writer:
 
     def receive(self) -> None:
         """Read the pending commit's reply (blocks until it comes) and settle its future."""
-        done, self.pending = self.pending, None
+        done = self.pending
         if done is None:
             return
-        header = writer.read_exact(self.source, writer.LENGTH.size)
-        reply = writer.read_exact(self.source, writer.LENGTH.unpack(header)[0]) if header else None
-        signatures, self._signatures = self._signatures, []
+        signatures = self._signatures
+        try:
+            header = writer.read_exact(self.source, writer.LENGTH.size)
+            reply = (
+                writer.read_exact(self.source, writer.LENGTH.unpack(header)[0]) if header else None
+            )
+            if reply is not None and reply[:1] == b"\x00":
+                for signature, value in zip(signatures, marshal.loads(reply[1:]), strict=True):
+                    signature.value = value
+        except BaseException as exc:
+            self.pending, self._signatures = None, []
+            self._break(f"reading a reply failed ({type(exc).__name__}: {exc})")
+            done.set_exception(StoreError(f"the writer process was stopped: {self._broken}"))
+            raise
+        self.pending, self._signatures = None, []
         if reply is None:
             done.set_exception(StoreError(f"the writer process exited (code {self._proc.poll()})"))
         elif reply[:1] != b"\x00":
             done.set_exception(StoreError(reply[1:].decode("utf-8", "replace")))
         else:
-            for signature, value in zip(signatures, marshal.loads(reply[1:]), strict=True):
-                signature.value = value
             done.set_result(None)
 
     def close(self) -> None:
         """Finish the pending commit, then end the process."""
-        self.receive()
-        assert self._proc.stdin is not None and self._proc.stdout is not None
-        self._proc.stdin.close()
         try:
-            self._proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:  # pragma: no cover - a hung SQLite
-            self._proc.kill()
-            self._proc.wait()
-        self._proc.stdout.close()
+            self.receive()
+            if self._broken is None:
+                with contextlib.suppress(OSError):
+                    self._write(b"")  # an empty message: stop (other processes may hold the pipe)
+        finally:
+            assert self._proc.stdin is not None and self._proc.stdout is not None
+            self._proc.stdin.close()
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # pragma: no cover - a hung SQLite
+                self._proc.kill()
+                self._proc.wait()
+            self._proc.stdout.close()
+
+
+def _waiting(waiter: asyncio.Future[None]) -> bool:
+    """Whether ``waiter`` still waits (its event loop may have ended without cancelling it)."""
+    return not waiter.done() and not waiter.get_loop().is_closed()
 
 
 class Store:
@@ -264,17 +307,16 @@ class Store:
                 return
             if self.path is not None:
                 self._registry.pop(self.path, None)
-        if self._writer is not None:
+        try:
+            if self._failed is None and (self._inflight is not None or self._waiters):
+                self.flush_sync()  # nobody may be left waiting on a closed store
+        finally:
             self._stop_reading()
-            commit, self._inflight = self._inflight, None
-            if commit is not None:
-                if not commit.done.done():
-                    self._writer.receive()
-                self._finish(commit)
-            self._writer.close()
-            self._writer = None
-        with self._lock:
-            self._conn.close()
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+            with self._lock:
+                self._conn.close()
 
     # -- reads -----------------------------------------------------------------
 
@@ -374,7 +416,10 @@ class Store:
         await waiter
 
     def flush_sync(self) -> None:
-        """Commit everything staged now, blocking (used by close and tests)."""
+        """Commit everything staged now, blocking (used by close and tests).
+
+        Waiters of a flush in progress are woken too: their writes are in.
+        """
         self._check()
         commit = self._inflight
         if commit is not None:
@@ -386,11 +431,13 @@ class Store:
                 self._writer.receive()
             self._finish(commit)
             self._check()
-        batch, signatures = self._take_batch()
-        if batch:
-            self._commit(batch, signatures)
-            self.commits += 1
-            self._after_commit()
+        commit = self._commit_now()
+        self._finish(commit)
+        exc = commit.done.exception()
+        if exc is not None:
+            if not isinstance(exc, Exception):
+                raise exc  # an interrupt stays one (the store is failed all the same)
+            raise StoreError(f"commit failed: {exc}") from exc
 
     def _pump(self, loop: asyncio.AbstractEventLoop) -> None:
         """Finish the commit in flight if it is done; start the next if anyone waits.
@@ -423,10 +470,22 @@ class Store:
             if not done.done():
                 self._read_replies(loop)
             return _Commit(waiters, True, done)
-        done = Future()
+        return self._commit_now(waiters, batch, signatures)  # memory: nothing to wait for
+
+    def _commit_now(
+        self,
+        waiters: list[asyncio.Future[None]] | None = None,
+        batch: list[Write] | None = None,
+        signatures: list[Signature] | None = None,
+    ) -> _Commit:
+        """Commit ``batch`` (default: every waiter and staged write) now, blocking."""
+        if waiters is None:
+            waiters, self._waiters = self._waiters, []
+            batch, signatures = self._take_batch()
+        done: Future[None] = Future()
         try:
             if batch:
-                self._commit(batch, signatures)  # memory: nothing to wait for, no process
+                self._commit(batch, signatures or [])
             done.set_result(None)
         except BaseException as exc:
             done.set_exception(exc)
@@ -457,8 +516,11 @@ class Store:
         if writer is None or writer.pending is None:
             self._stop_reading()
             return
-        writer.receive()
-        self._pump(loop)
+        # A flush may have read this reply already and sent the next commit:
+        # never block the loop waiting for that one.
+        if writer.replied():
+            writer.receive()
+            self._pump(loop)
 
     def _finish(self, commit: _Commit) -> None:
         """Wake the waiters of a finished commit, or fail them and every later one."""
@@ -466,7 +528,7 @@ class Store:
         if exc is not None:
             self._failed = exc
             for waiter in commit.waiters + self._waiters:
-                if not waiter.done():
+                if _waiting(waiter):
                     waiter.set_exception(StoreError(f"commit failed: {exc}"))
             self._waiters = []
             return
@@ -474,7 +536,7 @@ class Store:
             self.commits += 1
             self._after_commit()
         for waiter in commit.waiters:
-            if not waiter.done():
+            if _waiting(waiter):
                 waiter.set_result(None)
 
     def _take_batch(self) -> tuple[list[Write], list[Signature]]:
@@ -513,6 +575,5 @@ class Store:
 
     def _check(self) -> None:
         if self._failed is not None:
-            raise StoreError(
-                f"an earlier commit failed ({self._failed}); reopen the ledgers to continue"
-            )
+            why = str(self._failed) or type(self._failed).__name__
+            raise StoreError(f"an earlier commit failed ({why}); reopen the ledgers to continue")

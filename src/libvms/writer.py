@@ -27,9 +27,9 @@ big-endian length and that many bytes:
 Signing here too keeps the Ed25519 signatures (one per commit per changed
 ledger, the largest part of a commit's cost on the event loop) on the other core.
 
-End of input (the parent closed the pipe or died) ends the child once the
-commit in hand is finished. SIGINT is ignored: Ctrl-C at a terminal reaches
-the whole process group, and the parent decides when its writer stops.
+An empty message, or end of input (the parent died), ends the child once the
+commit in hand is finished. The parent starts it in a session of its own, so
+signals meant for the terminal's process group (Ctrl-C) do not reach it.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from __future__ import annotations
 import base64
 import marshal
 import os
-import signal
 import sqlite3
 import struct
 import sys
@@ -142,7 +141,6 @@ def run(
 
 
 def main() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn = connect(sys.argv[1])
     source, sink = sys.stdin.fileno(), sys.stdout.fileno()
     header = read_exact(source, LENGTH.size)
@@ -155,7 +153,7 @@ def main() -> None:
         if header is None:
             break
         body = read_exact(source, LENGTH.unpack(header)[0])
-        if body is None:
+        if not body:  # end of input, or an empty message: stop
             break
         try:
             reply = b"\x00" + marshal.dumps(run(conn, *marshal.loads(body)))

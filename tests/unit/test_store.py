@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from libvms import writer as writer_module
 from libvms.store import Store, StoreError, Write, _statements
 
 SCHEMA = "CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)"
@@ -158,6 +159,97 @@ def test_a_commit_left_in_flight_by_an_ended_loop_finishes_in_the_next(tmp_path:
     finally:
         other.close()
         store.close()
+
+
+@pytest.mark.parametrize("how", ["flush_sync", "close"])
+async def test_flushes_queued_behind_a_commit_are_served_by_flush_sync_and_close(
+    tmp_path: Path, how: str
+) -> None:
+    store = Store.open(tmp_path)
+    other = sqlite3.connect(tmp_path / "libvms.db", isolation_level=None)
+    try:
+        store.execute_now(SCHEMA)
+        other.execute("BEGIN IMMEDIATE")  # holds the first commit in flight
+        store.stage(INSERT, (1, "a"))
+        first = asyncio.ensure_future(store.flush())
+        await asyncio.sleep(0)
+        store.stage(INSERT, (2, "b"))
+        second = asyncio.ensure_future(store.flush())  # queued behind the first
+        await asyncio.sleep(0)
+        other.execute("COMMIT")
+        if how == "flush_sync":
+            store.flush_sync()
+        else:
+            store.close()
+        await asyncio.wait_for(asyncio.gather(first, second), timeout=30)
+    finally:
+        other.close()
+        if how == "flush_sync":
+            store.close()
+    again = Store.open(tmp_path)
+    try:
+        assert again.query("SELECT k FROM t ORDER BY k") == [(1,), (2,)]
+    finally:
+        again.close()
+
+
+def test_a_waiter_left_on_a_closed_loop_does_not_break_the_next(tmp_path: Path) -> None:
+    store = Store.open(tmp_path)
+    other = sqlite3.connect(tmp_path / "libvms.db", isolation_level=None)
+    try:
+        store.execute_now(SCHEMA)
+        other.execute("BEGIN IMMEDIATE")
+
+        async def first() -> None:
+            store.stage(INSERT, (1, "a"))
+            pending = asyncio.ensure_future(store.flush())
+            await asyncio.sleep(0)
+            assert not pending.done()  # left pending: the loop is closed as it is
+
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(first())
+        loop.close()
+        other.execute("COMMIT")
+
+        async def second() -> None:
+            store.stage(INSERT, (2, "b"))
+            await store.flush()
+
+        asyncio.run(asyncio.wait_for(second(), timeout=30))
+        assert store.query("SELECT k FROM t ORDER BY k") == [(1,), (2,)]
+    finally:
+        other.close()
+        store.close()
+
+
+def test_an_exchange_cut_short_stops_the_writer_rather_than_pairing_replies_wrongly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store.open(tmp_path)
+    try:
+        store.execute_now(SCHEMA)
+        store.stage(INSERT, (1, "a"))
+        store.flush_sync()
+        read_exact = writer_module.read_exact
+
+        def interrupted(fd: int, size: int) -> bytes | None:
+            monkeypatch.setattr(writer_module, "read_exact", read_exact)
+            raise KeyboardInterrupt  # Ctrl-C while waiting for the reply
+
+        monkeypatch.setattr(writer_module, "read_exact", interrupted)
+        store.stage(INSERT, (2, "b"))
+        with pytest.raises(KeyboardInterrupt):
+            store.flush_sync()
+        # The unread reply cannot be taken for the next commit's: the store is failed.
+        with pytest.raises(StoreError, match="reopen"):
+            store.stage(INSERT, (3, "c"))
+    finally:
+        store.close()
+    again = Store.open(tmp_path)
+    try:
+        assert again.query("SELECT k FROM t ORDER BY k")[0] == (1,)
+    finally:
+        again.close()
 
 
 def test_flush_sync_commits_on_disk_without_an_event_loop(tmp_path: Path) -> None:
