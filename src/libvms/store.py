@@ -77,9 +77,9 @@ def _statements(batch: list[Write]) -> Iterator[tuple[str, Sequence[Any]]]:
     statement, or an INSERT with other text into a table already being merged)
     first ends every merge, so each table sees its writes in their order.
 
-    Each statement is one step of SQLite, and the writer thread gives up and
-    takes back the GIL around every step: a commit of 16 write calls takes 4
-    or 5 steps instead of about 50, so it waits far less on the loop's thread.
+    Each statement is one call into SQLite in the writer process and one
+    tuple to encode for it: a commit of 16 write calls takes 4 or 5
+    statements instead of about 50.
     """
     groups: dict[str, list[Sequence[Any]]] = {}  # INSERT text -> rows, in first-seen order
     tables: dict[str, str] = {}  # table -> the INSERT text being merged into it
