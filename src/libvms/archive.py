@@ -615,11 +615,14 @@ class FilesArchive(_Reader):
             self._blob(content_hash)
 
     async def close(self) -> None:
-        """Wait for pending writes, then release the database."""
-        await self._store.flush()
-        self._store.remove_commit_hook(self._before_commit)
-        self._ledger.close()
-        self._store.close()
+        """Wait for pending writes, then release the database (also when a commit
+        failed: the error is raised once the database is released)."""
+        try:
+            await self._store.flush()
+        finally:
+            self._store.remove_commit_hook(self._before_commit)
+            self._ledger.close()
+            self._store.close()
 
     async def __aenter__(self) -> FilesArchive:
         return self

@@ -184,10 +184,13 @@ class CallLog:
         return cls(ledger, directory)
 
     async def close(self) -> None:
-        """Wait for pending appends, then release the database."""
-        await self._ledger.store.flush()
-        self._ledger.close()
-        self._ledger.store.close()
+        """Wait for pending appends, then release the database (also when a commit
+        failed: the error is raised once the database is released)."""
+        try:
+            await self._ledger.store.flush()
+        finally:
+            self._ledger.close()
+            self._ledger.store.close()
 
     async def __aenter__(self) -> CallLog:
         return self

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import functools
 import marshal
+import os
 import re
 import select
 import sqlite3
@@ -148,12 +148,9 @@ class _Writer:
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._sink = self._proc.stdin.fileno()
         self.source = self._proc.stdout.fileno()
-        # A larger pipe (Linux) takes a big commit (file contents) in fewer round
-        # trips between the two processes, so it holds up the event loop less.
-        with contextlib.suppress(AttributeError, OSError):
-            fcntl.fcntl(self._sink, fcntl.F_SETPIPE_SZ, 1 << 20)
         self.pending: Future[None] | None = None
         self._broken: str | None = None
+        self._owner = os.getpid()  # a forked copy of this object must not stop the writer
         self._poll = select.poll()
         self._poll.register(self.source, select.POLLIN)
         self._signatures: list[Signature] = []
@@ -230,13 +227,18 @@ class _Writer:
 
     def close(self) -> None:
         """Finish the pending commit, then end the process."""
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        if os.getpid() != self._owner:
+            # A forked process closing what it inherited: only its copies of the pipes.
+            self._proc.stdin.close()
+            self._proc.stdout.close()
+            return
         try:
             self.receive()
             if self._broken is None:
                 with contextlib.suppress(OSError):
                     self._write(b"")  # an empty message: stop (other processes may hold the pipe)
         finally:
-            assert self._proc.stdin is not None and self._proc.stdout is not None
             self._proc.stdin.close()
             try:
                 self._proc.wait(timeout=30)
@@ -244,6 +246,12 @@ class _Writer:
                 self._proc.kill()
                 self._proc.wait()
             self._proc.stdout.close()
+
+
+def _resolved() -> Future[None]:
+    done: Future[None] = Future()
+    done.set_result(None)
+    return done
 
 
 def _waiting(waiter: asyncio.Future[None]) -> bool:
@@ -317,11 +325,13 @@ class Store:
                 self.flush_sync()  # nobody may be left waiting on a closed store
         finally:
             self._stop_reading()
-            if self._writer is not None:
-                self._writer.close()
-                self._writer = None
-            with self._lock:
-                self._conn.close()
+            writer_process, self._writer = self._writer, None
+            try:
+                if writer_process is not None:
+                    writer_process.close()
+            finally:
+                with self._lock:
+                    self._conn.close()
 
     # -- reads -----------------------------------------------------------------
 
@@ -400,6 +410,9 @@ class Store:
                 # yields, so the calls already queued on the event loop run while
                 # its fsync does.
                 self._pump(loop)
+            elif commit.done.done():
+                # Finished, its reply read where an interrupt cut the rest short.
+                self._pump(loop)
             elif self._reading is not loop:
                 # The commit in flight was started on another event loop (one
                 # that has ended): this loop reads its reply and goes on.
@@ -430,11 +443,13 @@ class Store:
         if commit is not None:
             # A commit the event loop started: it ends first.
             self._inflight = None
-            if not commit.done.done():
-                self._stop_reading()
-                assert self._writer is not None
-                self._writer.receive()
-            self._finish(commit)
+            try:
+                if not commit.done.done():
+                    self._stop_reading()
+                    assert self._writer is not None
+                    self._writer.receive()
+            finally:
+                self._finish(commit)  # on an interrupt, receive() has failed it
             self._check()
         commit = self._commit_now()
         self._finish(commit)
@@ -467,34 +482,40 @@ class Store:
 
     def _start_commit(self, loop: asyncio.AbstractEventLoop) -> _Commit:
         """Take every waiter and staged write, and start committing them."""
+        if self.path is None:
+            return self._commit_now()  # memory: nothing to wait for
         waiters, self._waiters = self._waiters, []
-        batch, signatures = self._take_batch()
-        if batch and self.path is not None:
+        try:
+            batch, signatures = self._take_batch()
+            if not batch:
+                return _Commit(waiters, False, _resolved())
             assert self._writer is not None, "the store is closed"
             done = self._writer.send(list(_statements(batch)), signatures)
-            if not done.done():
-                self._read_replies(loop)
-            return _Commit(waiters, True, done)
-        return self._commit_now(waiters, batch, signatures)  # memory: nothing to wait for
+        except BaseException as exc:
+            # Nothing of it reached the writer whole: fail everyone now.
+            failed: Future[None] = Future()
+            failed.set_exception(exc)
+            self._finish(_Commit(waiters, True, failed))
+            raise
+        if not done.done():
+            self._read_replies(loop)
+        return _Commit(waiters, True, done)
 
-    def _commit_now(
-        self,
-        waiters: list[asyncio.Future[None]] | None = None,
-        batch: list[Write] | None = None,
-        signatures: list[Signature] | None = None,
-    ) -> _Commit:
-        """Commit ``batch`` (default: every waiter and staged write) now, blocking."""
-        if waiters is None:
-            waiters, self._waiters = self._waiters, []
-            batch, signatures = self._take_batch()
+    def _commit_now(self) -> _Commit:
+        """Commit every waiter's and every staged write now, blocking."""
+        waiters, self._waiters = self._waiters, []
         done: Future[None] = Future()
+        wrote = False
         try:
+            batch, signatures = self._take_batch()
+            wrote = bool(batch)
             if batch:
-                self._commit(batch, signatures or [])
+                self._commit(batch, signatures)
             done.set_result(None)
         except BaseException as exc:
             done.set_exception(exc)
-        return _Commit(waiters, bool(batch), done)
+            wrote = True
+        return _Commit(waiters, wrote, done)
 
     def _finished(self, commit: _Commit) -> bool:
         """Whether ``commit`` is done, reading the writer's reply if it is there."""
@@ -520,6 +541,7 @@ class Store:
         writer = self._writer
         if writer is None or writer.pending is None:
             self._stop_reading()
+            self._pump(loop)  # a commit whose reply was read elsewhere may wait to finish
             return
         # A flush may have read this reply already and sent the next commit:
         # never block the loop waiting for that one.
@@ -534,7 +556,9 @@ class Store:
             self._failed = exc
             for waiter in commit.waiters + self._waiters:
                 if _waiting(waiter):
-                    waiter.set_exception(StoreError(f"commit failed: {exc}"))
+                    waiter.set_exception(
+                        StoreError(f"commit failed: {str(exc) or type(exc).__name__}")
+                    )
             self._waiters = []
             return
         if commit.wrote:
@@ -552,7 +576,7 @@ class Store:
         signatures: list[Signature] = []
         for before, _after in self._hooks:
             for item in before():
-                if type(item) is Signature:
+                if isinstance(item, Signature):
                     signatures.append(item)
                 else:
                     batch.append(item)  # type: ignore[arg-type]

@@ -708,10 +708,12 @@ class BackendVM:
             if self._runtime is not None:
                 self._runtime.close()
                 self._runtime = None
-            if self.call_log is not None:
-                await self.call_log.close()
-            if self.files_archive is not None:
-                await self.files_archive.close()
+            try:
+                if self.call_log is not None:
+                    await self.call_log.close()
+            finally:
+                if self.files_archive is not None:
+                    await self.files_archive.close()
 
     async def __aenter__(self) -> BackendVM:
         return self

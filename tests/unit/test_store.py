@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from libvms import writer as writer_module
+from libvms.log import CallLog
 from libvms.store import Store, StoreError, Write, _statements
 
 SCHEMA = "CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)"
@@ -250,6 +252,98 @@ def test_an_exchange_cut_short_stops_the_writer_rather_than_pairing_replies_wron
         assert again.query("SELECT k FROM t ORDER BY k")[0] == (1,)
     finally:
         again.close()
+
+
+async def test_an_interrupt_while_flush_sync_reads_a_loop_commit_fails_its_waiters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store.open(tmp_path)
+    try:
+        store.execute_now(SCHEMA)
+        store.stage(INSERT, (1, "a"))
+        flushing = asyncio.ensure_future(store.flush())  # a commit the loop starts
+        await asyncio.sleep(0)
+
+        def interrupted(fd: int, size: int) -> bytes | None:
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(writer_module, "read_exact", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            store.flush_sync()
+        monkeypatch.undo()
+        with pytest.raises(StoreError, match="commit failed"):
+            await asyncio.wait_for(flushing, timeout=30)  # resolved, not left waiting
+        with pytest.raises(StoreError, match="reopen"):
+            store.stage(INSERT, (2, "b"))
+    finally:
+        store.close()
+
+
+async def test_an_interrupt_while_sending_fails_every_queued_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store.open(tmp_path)
+    other = sqlite3.connect(tmp_path / "libvms.db", isolation_level=None)
+    try:
+        store.execute_now(SCHEMA)
+        other.execute("BEGIN IMMEDIATE")  # holds the first commit in flight
+        store.stage(INSERT, (1, "a"))
+        first = asyncio.ensure_future(store.flush())
+        await asyncio.sleep(0)
+        store.stage(INSERT, (2, "b"))
+        second = asyncio.ensure_future(store.flush())  # queued behind it
+        await asyncio.sleep(0)
+        write_all = writer_module.write_all
+
+        def interrupted(fd: int, data: bytes) -> None:
+            write_all(fd, data[: len(data) // 2])
+            raise KeyboardInterrupt  # half the next commit's message is out
+
+        monkeypatch.setattr(writer_module, "write_all", interrupted)
+        other.execute("COMMIT")
+        with pytest.raises(KeyboardInterrupt):
+            store.flush_sync()  # finishes the first commit, then sends the second
+        monkeypatch.undo()
+        await asyncio.wait_for(first, timeout=30)
+        with pytest.raises(StoreError, match="commit failed"):
+            await asyncio.wait_for(second, timeout=30)
+        with pytest.raises(StoreError, match="reopen"):
+            store.stage(INSERT, (3, "c"))
+    finally:
+        other.close()
+        store.close()
+
+
+async def test_closing_a_log_after_a_failed_commit_releases_the_store(tmp_path: Path) -> None:
+    log = await CallLog.create(tmp_path, code="x", files_archive_url="")
+    store = log._ledger.store
+    store.stage("INSERT INTO meta (key, value) VALUES (?, ?)", ("same", b"1"))
+    store.stage("INSERT INTO meta (key, value) VALUES (?, ?)", ("same", b"2"))
+    with pytest.raises(StoreError):
+        await store.flush()
+    with pytest.raises(StoreError):
+        await log.close()  # raises, but releases the database first
+    again = Store.open(tmp_path)
+    try:
+        assert again is not store  # a fresh store: the directory can be reopened
+    finally:
+        again.close()
+
+
+def test_a_forked_copy_closing_the_store_leaves_the_writer_to_its_parent(tmp_path: Path) -> None:
+    store = Store.open(tmp_path)
+    try:
+        store.execute_now(SCHEMA)
+        pid = os.fork()
+        if pid == 0:  # the child closes what it inherited, and nothing else
+            store.close()
+            os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        store.stage(INSERT, (1, "a"))
+        store.flush_sync()
+        assert store.query("SELECT k FROM t") == [(1,)]
+    finally:
+        store.close()
 
 
 def test_flush_sync_commits_on_disk_without_an_event_loop(tmp_path: Path) -> None:
