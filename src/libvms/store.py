@@ -313,13 +313,15 @@ class Store:
         return (Path(directory) / DB_FILENAME).exists()
 
     def close(self) -> None:
-        """Drop one reference; the last one closes the database."""
+        """Drop one reference; the last one closes the database (later calls do nothing)."""
         with self._registry_lock:
+            if self._refs <= 0:
+                return
             self._refs -= 1
             if self._refs > 0:
                 return
-            if self.path is not None:
-                self._registry.pop(self.path, None)
+            if self.path is not None and self._registry.get(self.path) is self:
+                del self._registry[self.path]
         try:
             if self._failed is None and (self._inflight is not None or self._waiters):
                 self.flush_sync()  # nobody may be left waiting on a closed store
