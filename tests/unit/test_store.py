@@ -266,6 +266,35 @@ async def test_an_interrupt_while_sending_fails_every_queued_flush(
             store.stage(INSERT, (3, "c"))
 
 
+def test_an_interrupt_while_the_loop_sends_a_commit_fails_every_queued_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The send happens in the event loop's reply handler here, not in flush_sync:
+    # a private loop, since the interrupt comes out of it.
+    loop = asyncio.new_event_loop()
+    try:
+        with _held(tmp_path) as (store, other):
+            first, second = loop.run_until_complete(_in_flight_and_queued(store))
+            write_all = writer_module.write_all
+
+            def interrupted(fd: int, data: bytes) -> None:
+                write_all(fd, data[: len(data) // 2])
+                raise KeyboardInterrupt
+
+            monkeypatch.setattr(writer_module, "write_all", interrupted)
+            other.execute("COMMIT")
+            with pytest.raises(KeyboardInterrupt):
+                loop.run_until_complete(asyncio.wait_for(first, timeout=30))
+            monkeypatch.undo()
+            loop.run_until_complete(asyncio.wait_for(first, timeout=30))  # it was durable
+            with pytest.raises(StoreError, match="commit failed"):
+                loop.run_until_complete(asyncio.wait_for(second, timeout=30))
+            with pytest.raises(StoreError, match="reopen"):
+                store.stage(INSERT, (3, "c"))
+    finally:
+        loop.close()
+
+
 async def test_closing_a_log_after_a_failed_commit_releases_the_store(tmp_path: Path) -> None:
     log = await CallLog.create(tmp_path, code="x", files_archive_url="")
     store = log._ledger.store
