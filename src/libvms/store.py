@@ -407,13 +407,11 @@ class Store:
         self._waiters.append(waiter)
         if self.path is not None:
             commit = self._inflight
-            if commit is None:
+            if commit is None or commit.done.done():
                 # The writer is free: start a commit now, not when this task
                 # yields, so the calls already queued on the event loop run while
-                # its fsync does.
-                self._pump(loop)
-            elif commit.done.done():
-                # Finished, its reply read where an interrupt cut the rest short.
+                # its fsync does. (A commit already done had its reply read where
+                # an interrupt cut the rest short: it is finished first.)
                 self._pump(loop)
             elif self._reading is not loop:
                 # The commit in flight was started on another event loop (one

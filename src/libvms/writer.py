@@ -104,7 +104,8 @@ class Signature:
         return (self.sql, self.key, self.text, self.head, self.key_id, self.seed)
 
 
-_signers: dict[bytes, Any] = {}  # seed -> Ed25519PrivateKey
+_signers: dict[bytes, Any] = {}  # seed -> Ed25519PrivateKey, a few at a time
+_MAX_SIGNERS = 64
 
 
 def _signed_value(text: bytes, head: bytes, key_id: bytes, seed: bytes) -> bytes:
@@ -113,6 +114,8 @@ def _signed_value(text: bytes, head: bytes, key_id: bytes, seed: bytes) -> bytes
         # Imported here, once the parent's sys.path is in place.
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+        if len(_signers) >= _MAX_SIGNERS:  # a process making many VMs (replays) in turn
+            _signers.clear()
         signer = _signers[seed] = Ed25519PrivateKey.from_private_bytes(seed)
     return head + base64.b64encode(key_id + signer.sign(text)) + b"\n"
 
@@ -161,7 +164,6 @@ def main() -> None:
             reply = b"\x01" + f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")
         write_all(sink, LENGTH.pack(len(reply)) + reply)
     conn.close()
-    sys.stdout.flush()
     os._exit(0)  # nothing left to clean up; skips the interpreter's teardown
 
 
