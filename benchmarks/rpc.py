@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import statistics
@@ -73,19 +74,29 @@ def default_loop() -> str:
 
 
 class CPUMeter:
-    """CPU time used by this process and by the server process (Linux: from /proc)."""
+    """CPU time used by this process and by the server process with its children, the
+    store's writer processes (Linux: from /proc)."""
 
     def __init__(self, server_pid: int) -> None:
-        self._stat = f"/proc/{server_pid}/stat"
+        self._pid = server_pid
         self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def _cpu(self, pid: int | str) -> float:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / self._tick  # utime + stime
 
     def server(self) -> float | None:
         try:
-            with open(self._stat) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            total = self._cpu(self._pid)
+            with open(f"/proc/{self._pid}/task/{self._pid}/children") as f:
+                children = f.read().split()
         except OSError:
             return None
-        return (int(fields[11]) + int(fields[12])) / self._tick  # utime + stime
+        for child in children:
+            with contextlib.suppress(OSError):  # it may have just exited
+                total += self._cpu(child)
+        return total
 
     def sample(self) -> tuple[float, float | None]:
         return time.process_time(), self.server()
@@ -271,7 +282,10 @@ def report(results: list[Result], store: str, loop: str) -> None:
             percent(r.client_cpu),
         )
     console.print(table)
-    console.print("CPU: time used over wall time, in % of one core (the server's from /proc).")
+    console.print(
+        "CPU: time used over wall time, in % of one core "
+        "(the server's with its writer process, from /proc)."
+    )
 
 
 def main() -> None:
