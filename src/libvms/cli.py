@@ -13,12 +13,17 @@ on stderr and an exit code, never a traceback:
 A command needing another code for its failures defines a subclass of
 :class:`CLIError` with that ``exit_code`` and passes it to :func:`_run` as
 ``error=``, or raises it itself.
+
+Importing this module loads click and little else: each command imports what
+it uses (the library's modules, asyncio, uvloop, rich) when it runs. So
+``libvms --help`` and ``libvms keygen`` stay quick, and a command given a local
+directory never loads aiohttp, whose client makes SSL contexts when imported.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import importlib.util
 import json
 import logging
 import re
@@ -29,52 +34,38 @@ import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-import aiohttp
 import click
-import platformdirs
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
 
-from . import encoding, remote
+from . import encoding
 from .errors import EncodingError, LibVMSError, VMCallError
-from .evidence import Evidence, Finding
-from .evidence import check as check_evidence
-from .keys import Keypair, parse_ledger_url
-from .log import CallLog
-from .rpc import RPCClient, RPCServer
-from .signed import CallReceipt
-from .verifier import (
-    DEFAULT_MAX_OUTAGE,
-    Auditor,
-    AuditReport,
-    Outage,
-    ReceiptCheck,
-    check_receipt,
-)
-from .vm import BackendVM
 
-try:  # uvloop serves connections with less overhead than asyncio; it has no Windows build
-    import uvloop
-except ImportError:  # pragma: no cover - depends on the platform
-    uvloop = None  # type: ignore[assignment]
+if TYPE_CHECKING:
+    import asyncio
+
+    from .evidence import Evidence, Finding
+    from .keys import Keypair
+    from .log import CallLog
+    from .rpc.client import RPCClient
+    from .verifier import AuditReport, Outage, ReceiptCheck
 
 T = TypeVar("T")
+
+#: Whether uvloop, which serves connections with less overhead than asyncio, is
+#: installed (it has no Windows build). It is imported where a loop is made.
+HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:
     """A new event loop for the commands: uvloop's where it is installed, else asyncio's."""
-    if uvloop is not None:
+    if HAVE_UVLOOP:
+        import uvloop
+
         return uvloop.new_event_loop()
+    import asyncio
+
     return asyncio.new_event_loop()
 
 
@@ -83,13 +74,32 @@ EXIT_FAILURE = 1
 #: Where ``libvms keygen`` writes a key when no file is named.
 DEFAULT_KEY_FILE = "libvms-user.key"
 
-#: Failures a user can cause; :func:`_run` reports them in one line.
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
-    LibVMSError,
-    OSError,
-    aiohttp.ClientError,
-    asyncio.TimeoutError,
-)
+#: Failures a user can cause; :func:`_run` reports them in one line, as it does
+#: timeouts and aiohttp's client errors (see :func:`_expected_errors`).
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (LibVMSError, OSError)
+
+# asyncio and aiohttp are slow to import, and commands such as `keygen` use
+# neither. An error of a module that is not loaded cannot have been raised, so
+# the checks below count a module's errors only once it is loaded.
+
+
+def _timeout_errors() -> tuple[type[BaseException], ...]:
+    """The classes of timeouts: before Python 3.11, asyncio's is not the built-in one."""
+    if "asyncio" not in sys.modules:
+        return (TimeoutError,)
+    import asyncio
+
+    return (TimeoutError, asyncio.TimeoutError)
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """:data:`EXPECTED_ERRORS`, timeouts, and aiohttp's client errors once aiohttp is loaded."""
+    errors = (*EXPECTED_ERRORS, *_timeout_errors())
+    if "aiohttp" not in sys.modules:
+        return errors
+    import aiohttp
+
+    return (*errors, aiohttp.ClientError)
 
 
 # -- errors and the event loop -------------------------------------------------
@@ -115,7 +125,7 @@ def describe_error(exc: BaseException) -> str:
     """What went wrong, for a user: a script error as ``Name: message``, else the message."""
     if isinstance(exc, VMCallError):
         return f"{exc.name}: {exc.message}"
-    if isinstance(exc, asyncio.TimeoutError):
+    if isinstance(exc, _timeout_errors()):
         return "timed out"
     if isinstance(exc, OSError) and not isinstance(exc, LibVMSError) and exc.strerror:
         return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
@@ -124,18 +134,22 @@ def describe_error(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def expected_errors(error: type[CLIError] = CLIError) -> Iterator[None]:
-    """Turn the failures of :data:`EXPECTED_ERRORS` raised inside into ``error``."""
+    """Turn the failures of :func:`_expected_errors` raised inside into ``error``."""
     try:
         yield
-    except EXPECTED_ERRORS as exc:
+    except _expected_errors() as exc:
         raise error(describe_error(exc)) from exc
 
 
 def _run(coro: Coroutine[Any, Any, T], *, error: type[CLIError] = CLIError) -> T:
     """Run ``coro`` in a fresh event loop; expected failures are raised as ``error``."""
     with expected_errors(error):
-        if uvloop is not None:
+        if HAVE_UVLOOP:
+            import uvloop
+
             return uvloop.run(coro)
+        import asyncio
+
         return asyncio.run(coro)
 
 
@@ -178,6 +192,8 @@ def _caller(user: str | None, key_file: Path | None) -> tuple[str | None, Keypai
         raise click.UsageError("use either --user or --key, not both")
     if key_file is None:
         return user, None
+    from .keys import Keypair
+
     with expected_errors():
         return None, Keypair.load(key_file)
 
@@ -235,6 +251,8 @@ async def _wait_for_stop() -> None:
     shutdown. Where the loop cannot handle signals, Ctrl-C still raises
     KeyboardInterrupt as usual.
     """
+    import asyncio
+
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     installed = []
@@ -259,6 +277,9 @@ async def _serve(
     call_timeout: float,
     memory_limit: int,
 ) -> None:
+    from .rpc.server import RPCServer
+    from .vm import BackendVM
+
     vm = BackendVM(code, call_timeout=call_timeout, memory_limit=memory_limit)
     try:
         await vm.deploy(data_dir, title=title)
@@ -357,6 +378,8 @@ def _check_vm_url(url: str) -> None:
 
 @contextlib.asynccontextmanager
 async def _connected(url: str, user: str | None, key: Keypair | None) -> AsyncIterator[RPCClient]:
+    from .rpc.client import RPCClient
+
     _check_vm_url(url)
     client = RPCClient(url, user=user, key=key)
     await client.connect()
@@ -458,6 +481,8 @@ class _LoopThread:
         self._loop.close()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        import asyncio
+
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
             return future.result()
@@ -617,6 +642,8 @@ _DOT_COMMANDS = (".methods", ".help", ".exit")
 
 
 def _history_file() -> Path:
+    import platformdirs
+
     return platformdirs.user_state_path("libvms") / "repl_history"
 
 
@@ -740,6 +767,8 @@ def repl(url: str, user: str | None, key_file: Path | None, expression: str | No
     Type `increment 2` or `await client.increment(2)`; `.methods` lists the
     methods, `.help` shows the syntax and `.exit` (or Ctrl-D) leaves.
     """
+    from .rpc.client import RPCClient
+
     caller, key = _caller(user, key_file)
     with _LoopThread() as loop:
         _check_vm_url(url)
@@ -770,6 +799,8 @@ def keygen(file: Path) -> None:
     The file is created with mode 0600 and an existing file is never
     overwritten. Sign calls with it using `--key FILE`.
     """
+    from .keys import Keypair
+
     key = Keypair.generate()
     with expected_errors():
         key.save(file)
@@ -793,6 +824,10 @@ def _is_url(source: str) -> bool:
 
 async def _open_log(source: str) -> CallLog:
     """The call log at ``source``: a data directory, a VM's URL or a call log URL."""
+    from . import remote
+    from .keys import parse_ledger_url
+    from .log import CallLog
+
     if not _is_url(source):
         if not Path(source).is_dir():
             raise CLIError(f"{source} is neither a data directory nor a URL")
@@ -957,8 +992,20 @@ async def _verify(
     pin_key: str | None,
     follow: bool,
     quiet: bool,
-    max_outage: float = DEFAULT_MAX_OUTAGE,
+    max_outage: float,
 ) -> AuditReport:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskID,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from .verifier import Auditor
+
     try:
         _check_vm_url(url)
     except CLIError as exc:
@@ -1025,6 +1072,24 @@ async def _verify(
         await auditor.close()
 
 
+class _DeferredDefault(click.Option):
+    """An option whose default is a function's result, shown as such in ``--help``.
+
+    The function runs only when the default is needed or shown, so it may import
+    what is slow to import; click would show such a default as "(dynamic)".
+    """
+
+    def get_default(self, ctx: click.Context, call: bool = True) -> Any:
+        return super().get_default(ctx, call=True)
+
+
+def _default_max_outage() -> float:
+    """The default of ``libvms verify --max-outage``: the auditor's."""
+    from .verifier import DEFAULT_MAX_OUTAGE
+
+    return DEFAULT_MAX_OUTAGE
+
+
 def _write_evidence(file: Path | None, found: Evidence | None) -> None:
     if file is None or found is None:
         return
@@ -1050,8 +1115,9 @@ def _write_evidence(file: Path | None, found: Evidence | None) -> None:
 @click.option("--follow", is_flag=True, help="Stay on as a live monitor of new calls.")
 @click.option(
     "--max-outage",
+    cls=_DeferredDefault,
     type=click.FloatRange(min=0),
-    default=DEFAULT_MAX_OUTAGE,
+    default=_default_max_outage,
     show_default=True,
     metavar="SECONDS",
     help="With --follow: how long to keep retrying a server that stops answering "
@@ -1110,6 +1176,8 @@ def evidence_check(file: Path) -> None:
     Exits 0 when it proves the host misbehaved, 1 when it proves nothing, and
     2 when the file itself is unreadable or does not verify.
     """
+    from .evidence import Evidence
+    from .evidence import check as check_evidence
 
     async def run() -> Finding:
         return await check_evidence(Evidence.from_json(file.read_bytes()))
@@ -1139,6 +1207,8 @@ def receipt_check(receipt_file: Path, url: str, evidence_file: Path | None) -> N
     Exits 0 when it is, 1 when the log no longer holds it, 2 when the check
     could not run (unreadable receipt, unreachable VM).
     """
+    from .signed import CallReceipt
+    from .verifier import check_receipt
 
     async def run() -> ReceiptCheck:
         try:

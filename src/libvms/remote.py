@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
-
-import aiohttp
+from typing import TYPE_CHECKING
 
 from . import encoding, merkle
 from .archive import LEDGER_NAME as ARCHIVE_LEDGER
@@ -39,6 +39,9 @@ from .log import LEDGER_NAME as CALL_LOG_LEDGER
 from .log import CallLog
 from .rpc import protocol
 from .store import Store
+
+if TYPE_CHECKING:
+    import aiohttp
 
 __all__ = ["fetch_call_log", "fetch_files_archive", "refresh"]
 
@@ -54,7 +57,19 @@ MAX_ENTRIES_BODY = protocol.MAX_PAGE_BYTES + encoding.MAX_ENTRY_BYTES + 1
 #: Blobs fetched at once.
 BLOB_CONCURRENCY = 8
 
-HTTP_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=60.0)
+
+# aiohttp is imported when a fetch first needs it, not with this module: its
+# client makes SSL contexts (reading the CA certificates) when imported, which
+# takes about half a second.
+
+
+@functools.cache
+def http_timeout() -> aiohttp.ClientTimeout:
+    """The timeouts of the HTTP sessions libvms opens: connecting may take 10 s and
+    each read 60 s; a whole fetch has no limit (histories can be large)."""
+    import aiohttp
+
+    return aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=60.0)
 
 
 def _split_url(url: str) -> tuple[str, bytes]:
@@ -69,7 +84,9 @@ async def _session(given: aiohttp.ClientSession | None) -> AsyncIterator[aiohttp
     if given is not None:
         yield given
         return
-    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as session:
+    import aiohttp
+
+    async with aiohttp.ClientSession(timeout=http_timeout()) as session:
         yield session
 
 
@@ -81,6 +98,8 @@ class _Source:
         self.location = location
 
     async def get(self, path: str, limit: int, params: Mapping[str, int] | None = None) -> bytes:
+        import aiohttp  # loaded already: the session is aiohttp's
+
         url = self.location + path
         query = {k: str(v) for k, v in (params or {}).items()}
         try:

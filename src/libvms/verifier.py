@@ -16,9 +16,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import platformdirs
 
 from . import encoding
@@ -29,12 +28,14 @@ from .evidence import Evidence, fork_evidence, key_of, replay_evidence
 from .keys import ledger_url
 from .ledger import Ledger
 from .log import CallLog
-from .remote import HTTP_TIMEOUT, fetch_call_log, fetch_files_archive, refresh
+from .remote import fetch_call_log, fetch_files_archive, http_timeout, refresh
 from .rpc import protocol
-from .rpc.client import RPCClient
 from .rpc.protocol import BackendInfo
 from .signed import DEFAULT_WINDOW_MS, CallReceipt, verify_call_entry
 from .vm import BackendVM, ReplayStats, compare_entry
+
+if TYPE_CHECKING:
+    import aiohttp
 
 #: How long, in seconds, :meth:`Auditor.follow` keeps retrying a server it cannot
 #: reach before giving up (``libvms verify --follow --max-outage``).
@@ -367,7 +368,9 @@ class Auditor:
     def _session(self) -> aiohttp.ClientSession:
         # One HTTP session for the auditor's life: a follower polls often.
         if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=HTTP_TIMEOUT)
+            import aiohttp  # only auditors of a server need the HTTP client
+
+            self._http = aiohttp.ClientSession(timeout=http_timeout())
         return self._http
 
     def _tick(self, phase: str, done: int, total: int) -> None:
@@ -411,6 +414,8 @@ class Auditor:
         return report
 
     async def _connect(self) -> BackendInfo:
+        from .rpc.client import RPCClient
+
         async with RPCClient(self.url) as client:
             self.info = client.backend_info
         return self.info
@@ -850,6 +855,8 @@ async def check_receipt(receipt: CallReceipt, url: str) -> ReceiptCheck:
     key = key_of(receipt.proof.checkpoint)
     promised = receipt.verify(key)
     if url.startswith(("ws://", "wss://")):
+        from .rpc.client import RPCClient
+
         async with RPCClient(url) as client:
             url = client.backend_info.call_log_url
     log = await fetch_call_log(url)
