@@ -98,6 +98,10 @@ def _basename(path: str) -> str:
     return path.rsplit("/", 1)[1]
 
 
+def _depth(path: str) -> int:
+    return path.count("/")
+
+
 @dataclass(frozen=True)
 class Stat:
     """What :meth:`FilesArchive.stat` returns."""
@@ -129,7 +133,8 @@ def _leaf(path: str, kind: Kind, content_hash: str | None) -> bytes:
     obj: dict[str, Any] = {"path": path, "type": kind}
     if content_hash is not None:
         obj["hash"] = content_hash
-    return merkle.leaf_hash(encoding.canonical(obj))
+    # Strings under ASCII keys: nothing canonical_checked must look at first.
+    return merkle.leaf_hash(encoding.canonical_checked(obj, True))
 
 
 class _Nodes(ABC):
@@ -253,8 +258,26 @@ class _Tree(_Nodes):
         self.nodes[path] = node
         if node.kind == "dir":
             self.children.setdefault(path, set())
+        else:
+            self.children.pop(path, None)  # a directory replaced by a file
         self.leaves.set(path, _leaf(path, node.kind, node.hash))
         self.generation += 1
+
+    def merge(self, changes: _Overlay) -> None:
+        """Make this tree show what ``changes``, an overlay of it, shows.
+
+        The overlay already checked every rule, so its final nodes are put in
+        directly: removals deepest first, then the rest parents first.
+        """
+        nodes = self.nodes
+        dropped = [p for p, n in changes.nodes.items() if n is None and p in nodes]
+        for path in sorted(dropped, key=_depth, reverse=True):
+            self.drop(path)
+        kept = [(p, n) for p, n in changes.nodes.items() if n is not None]
+        if len(kept) > 1:
+            kept.sort(key=lambda item: _depth(item[0]))
+        for path, node in kept:
+            self.put(path, node)
 
     def all_nodes(self) -> dict[str, Stat]:
         return self.nodes
@@ -702,9 +725,16 @@ class FilesArchive(_Reader):
     # -- writing ---------------------------------------------------------------
 
     def transaction(self, mtime_ms: int | None = None) -> ArchiveTransaction:
-        """Stage mutations apart from the archive; ``commit()`` applies them, or drop it."""
+        """Stage mutations apart from the archive; ``commit()`` applies them, or drop it.
+
+        ``mtime_ms`` stamps every mutation (default: the wall clock at each one).
+        """
         if self._ledger.keypair is None:
             raise ReadOnlyError("this archive is a read-only copy")
+        if mtime_ms is not None and (
+            type(mtime_ms) is not int or not 0 <= mtime_ms <= encoding.MAX_SAFE_INT
+        ):
+            raise ValueError(f"mtime_ms must be an integer from 0 to 2^53-1, not {mtime_ms!r}")
         return ArchiveTransaction(self, mtime_ms)
 
     def _apply_transaction(self, tx: ArchiveTransaction) -> None:
@@ -714,18 +744,17 @@ class FilesArchive(_Reader):
         if changes.base is not self._tree or changes.generation != self._tree.generation:
             # Another write landed while the transaction was open: its entries
             # must still apply, in order, on top of the archive as it is now.
-            check = _Overlay(self._tree)
+            changes = _Overlay(self._tree)
             for entry in tx.entries:
-                check.apply(entry)
+                changes.apply(entry)
         rows = [(bytes.fromhex(h), d) for h, d in tx._blobs.items()]
         if rows:
             self._store.stage_many("INSERT OR IGNORE INTO blobs (hash, data) VALUES (?, ?)", rows)
             self._staged_blobs.update(tx._blobs)
         for entry in tx.entries:
-            self._ledger.stage_append(entry)
-        # They applied to an overlay of this very tree, so they apply to it.
-        for entry in tx.entries:
-            self._tree.apply(entry)
+            # Entries of this module's making hold strings, booleans and safe integers.
+            self._ledger.stage_canonical(encoding.canonical_checked(entry, True))
+        self._tree.merge(changes)
         tx._release()
 
     def _mutate_now(self, op: str, *args: Any) -> int:

@@ -28,7 +28,8 @@ MAX_DEPTH = 64
 #: Largest canonical encoding of one ledger entry, in bytes (8 MiB).
 MAX_ENTRY_BYTES = 8 * 1024 * 1024
 
-_SAFE_INT = 2**53 - 1
+#: Largest integer JSON carries exactly (an IEEE-754 double's safe range is ±2^53-1).
+MAX_SAFE_INT = 2**53 - 1
 
 
 def _make_fast_dumps() -> Callable[[Any], str]:
@@ -68,7 +69,7 @@ def _check(item: Any, depth: int) -> bool:
     if kind is str or kind is bool or item is None:
         return True
     if kind is int:
-        if -_SAFE_INT <= item <= _SAFE_INT:
+        if -MAX_SAFE_INT <= item <= MAX_SAFE_INT:
             return True
         raise EncodingError(f"integer {item} is outside the JSON safe range (±2^53-1)")
     if kind is dict:
@@ -165,7 +166,7 @@ def _number(text: str) -> int | float:
     # JSON numbers are IEEE-754 doubles (as in JavaScript): integers beyond the
     # safe range parse as floats, which canonical JSON can carry.
     value = int(text)
-    return value if -_SAFE_INT <= value <= _SAFE_INT else float(value)
+    return value if -MAX_SAFE_INT <= value <= MAX_SAFE_INT else float(value)
 
 
 def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

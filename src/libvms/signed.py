@@ -76,7 +76,6 @@ DEFAULT_WINDOW_MS = 5 * 60 * 1000
 NONCE_BYTES = 16
 
 _NONCE_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")
-_SAFE_INT = 2**53 - 1
 _SIGNATURE_SIZE = 64
 _ENTRY_FIELDS = ("nonce", "time", "sig")
 _WIRE_FIELDS = ("user", "log", "nonce", "time", "sig")
@@ -103,7 +102,11 @@ def _form_problem(user_id: object, method: object, nonce: object, time_ms: objec
         return "method must be a non-empty string"
     if not isinstance(nonce, str) or _NONCE_RE.fullmatch(nonce) is None:
         return "nonce must be 16 to 64 base64url characters"
-    if not isinstance(time_ms, int) or isinstance(time_ms, bool) or not 0 <= time_ms <= _SAFE_INT:
+    if (
+        not isinstance(time_ms, int)
+        or isinstance(time_ms, bool)
+        or not 0 <= time_ms <= encoding.MAX_SAFE_INT
+    ):
         return "time must be an integer number of milliseconds in 0..2^53-1"
     return None
 

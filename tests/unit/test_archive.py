@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from libvms import merkle
-from libvms.archive import DatArchive, FilesArchive, normalize_path
+from libvms.archive import DatArchive, FilesArchive, _replay, normalize_path
 from libvms.encoding import canonical, sha256_hex
 from libvms.errors import (
     AlreadyExistsError,
@@ -349,6 +349,34 @@ async def test_transactions_follow_the_archive_rules_and_commit_or_vanish_whole(
             tx.commit()
             committed = pending
         await _assert_shows(archive, committed)
+        # A commit puts the transaction's final nodes into the tree: the result
+        # is the tree that replaying the stored entries one by one builds.
+        ledger = archive._ledger
+        rebuilt = _replay(ledger.raw_range(0, ledger.length), ledger.length)
+        assert archive._tree.nodes == rebuilt.nodes
+        assert archive._tree.children == rebuilt.children
+        assert archive._tree.state_root() == rebuilt.state_root()
+    await archive.close()
+
+
+async def test_a_path_that_changes_kind_within_a_transaction_commits_like_its_entries():
+    archive = await FilesArchive.create(None, "t")
+    await archive.mkdir("/d")
+    await archive.write_file("/d/f", "x")
+    await archive.write_file("/p", "file")
+    tx = archive.transaction(mtime_ms=9)
+    tx.rmdir("/d", recursive=True)
+    tx.write_file("/d", "now a file")
+    tx.unlink("/p")
+    tx.mkdir("/p")
+    tx.write_file("/p/q", "inside")
+    tx.commit()
+    files = {"/d": ("file", b"now a file"), "/p": ("dir", None), "/p/q": ("file", b"inside")}
+    await _assert_shows(archive, files)
+    ledger = archive._ledger
+    rebuilt = _replay(ledger.raw_range(0, ledger.length), ledger.length)
+    assert archive._tree.children == rebuilt.children
+    assert archive._tree.nodes == rebuilt.nodes
     await archive.close()
 
 
@@ -395,3 +423,12 @@ def test_the_worked_state_root_example_of_the_formats_document():
         spec_state_root(files)
         == merkle.leaf_hash(canonical({"path": "/docs", "type": "dir"})).hex()
     )
+
+
+@pytest.mark.parametrize("mtime", [-1, 2**53, 1.5, True, "5"])
+async def test_a_transaction_refuses_an_mtime_json_cannot_carry(mtime):
+    archive = await FilesArchive.create(None, "t")
+    with pytest.raises(ValueError, match="mtime_ms"):
+        archive.transaction(mtime_ms=mtime)
+    assert archive.version == 1
+    await archive.close()

@@ -93,7 +93,6 @@ RequestId = str | int | None
 
 _REQUEST_MEMBERS = frozenset({"jsonrpc", "id", "method", "params", "user", "signed"})
 _RESPONSE_MEMBERS = frozenset({"jsonrpc", "id", "result", "error", "receipt"})
-_SAFE_INT = 2**53 - 1
 
 
 class ErrorCode(IntEnum):
@@ -179,7 +178,11 @@ class Rejection:
 def _valid_id(value: object) -> bool:
     if value is None or isinstance(value, str):
         return True
-    return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= _SAFE_INT
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and abs(value) <= encoding.MAX_SAFE_INT
+    )
 
 
 def parse_request(data: str | bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Request | Rejection:

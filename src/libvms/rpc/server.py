@@ -151,6 +151,19 @@ class _Connection:
                 room.set_result(None)
 
 
+def _cannot_wait(transport: asyncio.Transport | None, text: str) -> bool:
+    """Whether sending ``text`` is sure to finish without waiting for a drain.
+
+    A drain waits only while the transport is paused, which takes more than its
+    high-water mark of unsent bytes: with none buffered, a frame that stays under
+    the mark cannot pause it. (Most replies: no timer to arm and cancel.)
+    """
+    if transport is None:
+        return False
+    _low, high = transport.get_write_buffer_limits()
+    return transport.get_write_buffer_size() == 0 and 4 * len(text) + 14 <= high
+
+
 class RPCServer:
     """Serves VMs over JSON-RPC on WebSocket and their ledgers over HTTP, on one port.
 
@@ -571,7 +584,7 @@ class RPCServer:
         # closed, which ends the wait (nothing is cancelled: the drain is shared).
         timeout = self.send_timeout
         timer = None
-        if timeout is not None:
+        if timeout is not None and not _cannot_wait(conn.request.transport, text):
             timer = asyncio.get_running_loop().call_later(timeout, self._send_timed_out, conn)
         try:
             await ws.send_str(text)

@@ -76,7 +76,7 @@ from typing import Any, NamedTuple
 
 import quickjs
 
-from ..encoding import MAX_DEPTH
+from ..encoding import MAX_DEPTH, MAX_SAFE_INT
 from ..errors import EncodingError, LimitExceeded, ScriptError, VMCallError
 
 __all__ = [
@@ -166,7 +166,6 @@ _SETTLE_WIRE = 7
 _TAKE = 8
 _SETTLE_NULL = 9
 
-_SAFE_INT = 2**53 - 1
 
 # First characters of prelude statuses; anything else is a bare JSON value.
 _STATUS_CODES = frozenset("DPRTUX")
@@ -189,7 +188,7 @@ def _parse_int(text: str) -> int | float:
     # double's exact value, so carry it as a float (canonical JSON prints it back
     # the way JS does).
     value = int(text)
-    if -_SAFE_INT <= value <= _SAFE_INT:
+    if -MAX_SAFE_INT <= value <= MAX_SAFE_INT:
         return value
     return float(value)
 
@@ -384,7 +383,7 @@ def _to_wire(value: Any, depth: int = 0) -> tuple[Any, bool]:
     if value is None or isinstance(value, (str, bool)):
         return value, False
     if isinstance(value, int):
-        if not -_SAFE_INT <= value <= _SAFE_INT:
+        if not -MAX_SAFE_INT <= value <= MAX_SAFE_INT:
             raise EncodingError(f"host result holds {value}, beyond the JS safe integer range")
         return value, False
     if isinstance(value, float):
@@ -748,9 +747,14 @@ class JSRuntime:
 
     def _settle_result(self, req_id: Any, op: str, result: Any, deadline: float) -> None:
         """Resolve request ``req_id``'s promise in JS with the host's ``result``."""
-        if result is None and type(req_id) is int:
-            self._settle(_SETTLE_NULL, str(req_id), deadline)
-            return
+        if type(req_id) is int:
+            if result is None:
+                self._settle(_SETTLE_NULL, str(req_id), deadline)
+                return
+            if type(result) is int and -MAX_SAFE_INT <= result <= MAX_SAFE_INT:
+                # A new archive version: the commonest answer after null.
+                self._settle(_SETTLE, f"[{req_id},1,{result}]", deadline)
+                return
         try:
             wire, marked = _to_wire(result)
             # _to_wire rebuilt every container, to a bounded depth: no cycle.
