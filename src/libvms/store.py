@@ -27,7 +27,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -118,12 +117,44 @@ def _merged(sql: str, rows: list[Sequence[Any]]) -> Iterator[tuple[str, Sequence
         left -= size
 
 
+class _Outcome:
+    """How a commit ended, once it has: ``concurrent.futures.Future``'s methods that
+    the store uses, without its lock (a store is used from one thread at a time,
+    and this is read several times per call)."""
+
+    __slots__ = ("_done", "_error")
+
+    def __init__(self) -> None:
+        self._done = False
+        self._error: BaseException | None = None
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, _value: None) -> None:
+        self._done = True
+
+    def set_exception(self, error: BaseException) -> None:
+        self._done, self._error = True, error
+
+    def exception(self) -> BaseException | None:
+        """The commit's error; call only once it is done."""
+        assert self._done, "the commit is still in flight"
+        return self._error
+
+    def result(self) -> None:
+        """Raise the commit's error, if it failed; call only once it is done."""
+        error = self.exception()
+        if error is not None:
+            raise error
+
+
 class _Commit(NamedTuple):
     """One commit in flight: who waits for it, whether it wrote, and its outcome."""
 
     waiters: list[asyncio.Future[None]]
     wrote: bool
-    done: Future[None]
+    done: _Outcome
 
 
 class _Writer:
@@ -148,7 +179,7 @@ class _Writer:
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._sink = self._proc.stdin.fileno()
         self.source = self._proc.stdout.fileno()
-        self.pending: Future[None] | None = None
+        self.pending: _Outcome | None = None
         self._broken: str | None = None
         self._owner = os.getpid()  # a forked copy of this object must not stop the writer
         self._poll = select.poll()
@@ -172,11 +203,11 @@ class _Writer:
 
     def send(
         self, statements: list[tuple[str, Sequence[Any]]], signatures: list[Signature]
-    ) -> Future[None]:
+    ) -> _Outcome:
         """Start committing ``statements`` and ``signatures``; the future is done once
         :meth:`receive` ran, and each signature's value is set then."""
         assert self.pending is None, "one commit at a time"
-        done: Future[None] = Future()
+        done = _Outcome()
         if self._broken is not None:
             done.set_exception(StoreError(f"the writer process was stopped: {self._broken}"))
             return done
@@ -248,8 +279,8 @@ class _Writer:
             self._proc.stdout.close()
 
 
-def _resolved() -> Future[None]:
-    done: Future[None] = Future()
+def _resolved() -> _Outcome:
+    done = _Outcome()
     done.set_result(None)
     return done
 
@@ -493,7 +524,7 @@ class Store:
             done = self._writer.send(list(_statements(batch)), signatures)
         except BaseException as exc:
             # Nothing of it reached the writer whole: fail everyone now.
-            failed: Future[None] = Future()
+            failed = _Outcome()
             failed.set_exception(exc)
             self._finish(_Commit(waiters, True, failed))
             raise
@@ -504,7 +535,7 @@ class Store:
     def _commit_now(self) -> _Commit:
         """Commit every waiter's and every staged write now, blocking."""
         waiters, self._waiters = self._waiters, []
-        done: Future[None] = Future()
+        done = _Outcome()
         wrote = False
         try:
             batch, signatures = self._take_batch()
