@@ -211,11 +211,18 @@ class _Writer:
         if self._broken is not None:
             done.set_exception(StoreError(f"the writer process was stopped: {self._broken}"))
             return done
+        fields = [sig.fields() for sig in signatures]
         try:
-            body = marshal.dumps((statements, [sig.fields() for sig in signatures]))
-        except ValueError as exc:
-            done.set_exception(StoreError(f"a staged value cannot be stored: {exc}"))
-            return done
+            body = marshal.dumps((statements, fields))
+        except ValueError:
+            # marshal takes exact built-in types only; SQLite stores a subclass
+            # (an IntEnum, a str subclass) as its base type, and so does this.
+            statements = [(sql, [_exact(v) for v in params]) for sql, params in statements]
+            try:
+                body = marshal.dumps((statements, fields))
+            except ValueError as exc:
+                done.set_exception(StoreError(f"a staged value cannot be stored: {exc}"))
+                return done
         try:
             self._write(body)
         except OSError as exc:
@@ -277,6 +284,23 @@ class _Writer:
                 self._proc.kill()
                 self._proc.wait()
             self._proc.stdout.close()
+
+
+def _exact(value: Any) -> Any:
+    """``value`` as the exact built-in type SQLite stores it as; other values as they are.
+
+    The base types' own conversions copy the value itself, whatever a subclass
+    makes of ``str()`` or ``int()``.
+    """
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int.__index__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(memoryview(value))
+    return value
 
 
 def _resolved() -> _Outcome:

@@ -5,12 +5,13 @@ import json
 
 import pytest
 
-from libvms import encoding
 from libvms.errors import TamperError
 from libvms.keys import Keypair
 from libvms.rpc import RPCClient, RPCServer
 from libvms.rpc.client import MAX_RECEIPTS
 from libvms.vm import BackendVM
+
+from ..tamper.dishonest import receipts_claiming
 
 SCRIPT = "exports.add = (a, b) => a + b"
 
@@ -62,16 +63,7 @@ async def test_receipts_can_be_verified_and_not_kept(server, options, monkeypatc
         assert await client.add(1, 2) == 3
         assert len(client.receipts) == 0
         # Not kept, but still checked: a lying server is caught all the same.
-        original = RPCServer._receipt
-
-        async def lying(self, mount, seq):
-            receipt = await original(self, mount, seq)
-            entry = json.loads(receipt["entry"])
-            entry["result"]["res"] = 99
-            receipt["entry"] = encoding.canonical(entry).decode()
-            return receipt
-
-        monkeypatch.setattr(RPCServer, "_receipt", lying)
+        monkeypatch.setattr(RPCServer, "_receipt", receipts_claiming(99))
         with pytest.raises(TamperError, match="another result"):
             await client.add(2, 2)
 

@@ -7,11 +7,13 @@ import time
 import aiohttp
 import pytest
 
-from libvms import encoding, signed
+from libvms import signed
 from libvms.errors import RPCError, TamperError, VMCallError
 from libvms.keys import Keypair
 from libvms.rpc import ErrorCode, RPCClient, RPCServer
 from libvms.vm import BackendVM
+
+from ..tamper.dishonest import receipts_claiming
 
 SCRIPT = """
 exports.whoami = () => System.caller.id
@@ -116,13 +118,6 @@ async def test_a_tampered_receipt_is_rejected_by_the_client(served, monkeypatch)
     _, server = served
     original = RPCServer._receipt
 
-    async def lying_entry(self, mount, seq):
-        receipt = await original(self, mount, seq)
-        entry = json.loads(receipt["entry"])
-        entry["result"]["res"] = 5
-        receipt["entry"] = encoding.canonical(entry).decode()
-        return receipt
-
     async def lying_proof(self, mount, seq):
         receipt = await original(self, mount, seq)
         # Claim another index: the proof no longer leads to the signed root.
@@ -134,7 +129,7 @@ async def test_a_tampered_receipt_is_rejected_by_the_client(served, monkeypatch)
 
     async with RPCClient(server.url(), key=Keypair.generate()) as client:
         assert await client.add(1, 1) == 2
-        monkeypatch.setattr(RPCServer, "_receipt", lying_entry)
+        monkeypatch.setattr(RPCServer, "_receipt", receipts_claiming(5))
         with pytest.raises(TamperError, match="another result"):
             await client.add(2, 2)
         monkeypatch.setattr(RPCServer, "_receipt", lying_proof)

@@ -222,6 +222,22 @@ def flip_byte(body: bytes, at: int | None = None) -> bytes:
     return bytes(data)
 
 
+def receipts_claiming(result: Any) -> Callable[..., Any]:
+    """A replacement for ``RPCServer._receipt`` whose receipts show ``result`` as the
+    call's result: the entry a host would show if it logged another outcome than
+    the one it replied with (monkeypatch it in)."""
+    honest = RPCServer._receipt
+
+    async def lying(self: RPCServer, mount: Any, seq: int) -> dict[str, Any]:
+        receipt = await honest(self, mount, seq)
+        entry = json.loads(receipt["entry"])
+        entry["result"]["res"] = result
+        receipt["entry"] = encoding.canonical(entry).decode()
+        return receipt
+
+    return lying
+
+
 class LyingProxy:
     """A server in front of a real libvms server that relays its ledgers, with changes.
 
