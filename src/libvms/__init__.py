@@ -78,6 +78,8 @@ def _load_lazily(package: str, sources: Mapping[str, str], name: str) -> object:
     once per name.
     """
     source = sources.get(name)
+    if source is None and not name.isidentifier():
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
     try:
         module = importlib.import_module(source or f".{name}", package)
     except ModuleNotFoundError as exc:
@@ -89,8 +91,10 @@ def _load_lazily(package: str, sources: Mapping[str, str], name: str) -> object:
     return value
 
 
-def __getattr__(name: str) -> object:
-    return _load_lazily(__name__, _LAZY, name)
+if not TYPE_CHECKING:  # type checkers see the imports above, and flag unknown names
+
+    def __getattr__(name: str) -> object:
+        return _load_lazily(__name__, _LAZY, name)
 
 
 def __dir__() -> list[str]:

@@ -73,6 +73,8 @@ def normalize_path(path: str) -> str:
         raise InvalidPathError("path is empty")
     if "\x00" in path:
         raise InvalidPathError("path contains a NUL byte")
+    if not encoding.is_unicode(path):
+        raise InvalidPathError("path is not valid Unicode (it holds a lone surrogate)")
     if len(path) > MAX_PATH:
         raise InvalidPathError(f"path is longer than {MAX_PATH} characters")
     parts: list[str] = []
@@ -747,13 +749,15 @@ class FilesArchive(_Reader):
             changes = _Overlay(self._tree)
             for entry in tx.entries:
                 changes.apply(entry)
+        # Every entry is encoded before anything is staged: a failure stages nothing.
+        # Entries of this module's making hold strings, booleans and safe integers.
+        encoded = [encoding.canonical_checked(entry, True) for entry in tx.entries]
         rows = [(bytes.fromhex(h), d) for h, d in tx._blobs.items()]
         if rows:
             self._store.stage_many("INSERT OR IGNORE INTO blobs (hash, data) VALUES (?, ?)", rows)
             self._staged_blobs.update(tx._blobs)
-        for entry in tx.entries:
-            # Entries of this module's making hold strings, booleans and safe integers.
-            self._ledger.stage_canonical(encoding.canonical_checked(entry, True))
+        for data in encoded:
+            self._ledger.stage_canonical(data)
         self._tree.merge(changes)
         tx._release()
 

@@ -23,7 +23,6 @@ directory never loads aiohttp, whose client makes SSL contexts when imported.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import re
@@ -34,6 +33,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -53,16 +53,21 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-#: Whether uvloop, which serves connections with less overhead than asyncio, is
-#: installed (it has no Windows build). It is imported where a loop is made.
-HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
+
+def _uvloop() -> ModuleType | None:
+    """uvloop, which serves connections with less overhead than asyncio; None where it
+    does not import (a build for another platform), and the commands use asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:
-    """A new event loop for the commands: uvloop's where it is installed, else asyncio's."""
-    if HAVE_UVLOOP:
-        import uvloop
-
+    """A new event loop for the commands: uvloop's where it imports, else asyncio's."""
+    uvloop = _uvloop()
+    if uvloop is not None:
         return uvloop.new_event_loop()
     import asyncio
 
@@ -144,9 +149,8 @@ def expected_errors(error: type[CLIError] = CLIError) -> Iterator[None]:
 def _run(coro: Coroutine[Any, Any, T], *, error: type[CLIError] = CLIError) -> T:
     """Run ``coro`` in a fresh event loop; expected failures are raised as ``error``."""
     with expected_errors(error):
-        if HAVE_UVLOOP:
-            import uvloop
-
+        uvloop = _uvloop()
+        if uvloop is not None:
             return uvloop.run(coro)
         import asyncio
 

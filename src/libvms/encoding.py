@@ -155,14 +155,14 @@ def _same_kinds(a: Any, b: Any) -> bool:
     if kind is dict:
         if type(b) is not dict:
             return False
-        for key, value in a.items():
+        for key, value in a.items():  # noqa: SIM110 - all() over a generator costs more
             if not _same_kinds(value, b[key]):
                 return False
         return True
     if kind is list or kind is tuple:
         if type(b) is not list and type(b) is not tuple:
             return False
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=True):  # noqa: SIM110 - as above; a == b: same length
             if not _same_kinds(x, y):
                 return False
         return True
@@ -231,6 +231,17 @@ def parse_canonical(data: bytes, *, max_bytes: int = MAX_ENTRY_BYTES) -> Any:
     if canonical(value, max_bytes=max_bytes) != data:
         raise EncodingError("JSON text is not in RFC 8785 canonical form")
     return value
+
+
+def is_unicode(text: str) -> bool:
+    """Whether ``text`` is valid Unicode: no lone surrogate, so UTF-8 can encode it."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def sha256(data: bytes) -> bytes:

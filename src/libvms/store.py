@@ -138,8 +138,9 @@ class _Outcome:
         self._done, self._error = True, error
 
     def exception(self) -> BaseException | None:
-        """The commit's error; call only once it is done."""
-        assert self._done, "the commit is still in flight"
+        """The commit's error; only once it is done."""
+        if not self._done:
+            raise RuntimeError("the commit is still in flight")
         return self._error
 
     def result(self) -> None:
@@ -287,20 +288,30 @@ class _Writer:
 
 
 def _exact(value: Any) -> Any:
-    """``value`` as the exact built-in type SQLite stores it as; other values as they are.
+    """A subclass of ``str``, ``int``, ``float`` or ``bytes`` (bool aside) as the base
+    value SQLite stores for it; anything else as it is.
 
     The base types' own conversions copy the value itself, whatever a subclass
-    makes of ``str()`` or ``int()``.
+    makes of ``str()`` or ``int()``. A subclass SQLite adapts (``__conform__``, a
+    registered adapter) is left alone: marshal refuses it, and so does the commit.
     """
+    kind = type(value)
+    if kind in _EXACT or hasattr(value, "__conform__"):
+        return value
+    if (kind, sqlite3.PrepareProtocol) in sqlite3.adapters:
+        return value
     if isinstance(value, str):
         return str.__str__(value)
     if isinstance(value, int) and not isinstance(value, bool):
         return int.__index__(value)
     if isinstance(value, float):
         return float.__float__(value)
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(memoryview(value))
+    if isinstance(value, bytes):
+        return bytes(memoryview(value))  # the buffer itself, not a __bytes__ of its own
     return value
+
+
+_EXACT = frozenset({str, int, float, bytes, bool, type(None)})
 
 
 def _resolved() -> _Outcome:
@@ -504,7 +515,10 @@ class Store:
                     assert self._writer is not None
                     self._writer.receive()
             finally:
-                self._finish(commit)  # on an interrupt, receive() has failed it
+                if not commit.done.done():
+                    # Cut short before its reply was read: what became of it is unknown.
+                    commit.done.set_exception(StoreError("the commit was interrupted"))
+                self._finish(commit)
             self._check()
         commit = self._commit_now()
         self._finish(commit)

@@ -10,6 +10,7 @@ from libvms.encoding import canonical, sha256_hex
 from libvms.errors import (
     AlreadyExistsError,
     DirectoryNotEmptyError,
+    EncodingError,
     InvalidPathError,
     IsADirectoryError_,
     NotADirectoryError_,
@@ -64,7 +65,9 @@ def test_normalize_path(path, expected):
     assert normalize_path(path) == expected
 
 
-@pytest.mark.parametrize("path", ["", "/..", "a/../../b", "a\x00b", "/" + "x" * 300, 5])
+@pytest.mark.parametrize(
+    "path", ["", "/..", "a/../../b", "a\x00b", "/" + "x" * 300, 5, "/ok/\ud800", "/\udfff"]
+)
 async def test_invalid_paths_are_rejected_and_version_unchanged(path):
     archive = await FilesArchive.create(None, "t")
     with pytest.raises(InvalidPathError):
@@ -431,4 +434,24 @@ async def test_a_transaction_refuses_an_mtime_json_cannot_carry(mtime):
     with pytest.raises(ValueError, match="mtime_ms"):
         archive.transaction(mtime_ms=mtime)
     assert archive.version == 1
+    await archive.close()
+
+
+async def test_a_commit_whose_entry_cannot_be_encoded_stages_nothing():
+    archive = await FilesArchive.create(None, "t")
+    await archive.write_file("/kept", "x")
+    root, version = archive.state_root, archive.version
+    tx = archive.transaction(mtime_ms=5)
+    tx.write_file("/a", "first")
+    tx.write_file("/b", "second")
+    # The second entry fails to encode (as an entry JSON cannot carry would).
+    tx.entries[1]["path"] = "/\ud800"
+    with pytest.raises(EncodingError):
+        tx.commit()
+    assert (archive.version, archive.state_root) == (version, root)
+    await archive.write_file("/after", "y")
+    ledger = archive._ledger
+    rebuilt = _replay(ledger.raw_range(0, ledger.length), ledger.length)
+    assert archive._tree.state_root() == rebuilt.state_root()
+    assert sorted(archive._tree.nodes) == ["/", "/after", "/kept"]
     await archive.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -149,3 +150,25 @@ def test_an_unknown_name_is_an_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
         _ = libvms.Nothing
     assert not hasattr(libvms.rpc, "Nothing")
+    for name in ("", "a.b", "..", "vm.BackendVM"):  # never taken for a submodule's name
+        assert not hasattr(libvms, name)
+
+
+def test_commands_use_asyncio_where_uvloop_does_not_import(tmp_path: Path, data_dir: Path) -> None:
+    fake = tmp_path / "uvloop"
+    fake.mkdir()
+    (fake / "__init__.py").write_text('raise ImportError("a build for another platform")\n')
+    command = "from libvms.cli import main; main()"
+    result = subprocess.run(
+        [sys.executable, "-c", command, "log", str(data_dir), "--json"],
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert [entry["type"] for entry in map(json.loads, result.stdout.splitlines())][:2] == [
+        "init",
+        "call",
+    ]

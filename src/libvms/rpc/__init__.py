@@ -21,8 +21,10 @@ __all__ = ["PROTOCOL", "BackendInfo", "ErrorCode", "RPCClient", "RPCServer"]
 _LAZY = {"RPCClient": ".client", "RPCServer": ".server"}
 
 
-def __getattr__(name: str) -> object:
-    return _load_lazily(__name__, _LAZY, name)
+if not TYPE_CHECKING:  # type checkers see the imports above, and flag unknown names
+
+    def __getattr__(name: str) -> object:
+        return _load_lazily(__name__, _LAZY, name)
 
 
 def __dir__() -> list[str]:

@@ -76,7 +76,7 @@ from typing import Any, NamedTuple
 
 import quickjs
 
-from ..encoding import MAX_DEPTH, MAX_SAFE_INT
+from ..encoding import MAX_DEPTH, MAX_SAFE_INT, is_unicode
 from ..errors import EncodingError, LimitExceeded, ScriptError, VMCallError
 
 __all__ = [
@@ -292,15 +292,7 @@ def _decode_result(text: str) -> Any:
 
 def _c_safe(text: str) -> bool:
     """Whether the wrapper can pass ``text`` to JS unchanged (no NUL, no lone surrogate)."""
-    if "\x00" in text:
-        return False
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return "\x00" not in text and is_unicode(text)
 
 
 def _seed_words(seed: bytes) -> tuple[int, int, int, int]:
