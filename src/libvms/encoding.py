@@ -177,7 +177,19 @@ def _number(text: str) -> int | float:
     # JSON numbers are IEEE-754 doubles (as in JavaScript): integers beyond the
     # safe range parse as floats, which canonical JSON can carry.
     value = int(text)
-    return value if -MAX_SAFE_INT <= value <= MAX_SAFE_INT else float(value)
+    if -MAX_SAFE_INT <= value <= MAX_SAFE_INT:
+        return value
+    try:
+        return float(value)
+    except OverflowError:
+        raise EncodingError(f"the number {text[:20]}... is too large for JSON") from None
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if value == _INF or value == -_INF:
+        raise EncodingError(f"the number {text[:20]} is too large for JSON")
+    return value
 
 
 def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -189,7 +201,10 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 # Built once: json.loads with options builds a new decoder on every call.
 _strict_decode = json.JSONDecoder(
-    parse_constant=_reject_constant, parse_int=_number, object_pairs_hook=_unique_object
+    parse_constant=_reject_constant,
+    parse_int=_number,
+    parse_float=_float,
+    object_pairs_hook=_unique_object,
 ).decode
 
 
@@ -198,12 +213,17 @@ def parse(data: bytes | str, *, max_bytes: int = MAX_ENTRY_BYTES) -> Any:
     if len(data) > max_bytes:
         raise EncodingError(f"JSON text is {len(data)} bytes, more than the {max_bytes} allowed")
     try:
-        value = _strict_decode(data if isinstance(data, str) else data.decode("utf-8"))
+        text = data if isinstance(data, str) else data.decode("utf-8")
+        value = _strict_decode(text)
     except EncodingError:
         raise
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise EncodingError(f"invalid JSON: {exc}") from exc
-    check_value(value)
+    # The decoder refused what JSON cannot carry (NaN, infinities, duplicate keys)
+    # and made numbers doubles; what is left is the depth, which cannot exceed the
+    # number of opening brackets, so most texts need no walk.
+    if text.count("[") + text.count("{") > MAX_DEPTH:
+        check_value(value)
     return value
 
 

@@ -67,6 +67,12 @@ async def exchange(ws, text):
         ("{not json", ErrorCode.PARSE_ERROR, "invalid JSON"),
         ('{"jsonrpc": "2.0", "id": 1, "method": "foo", "params": [NaN]}', -32700, "NaN"),
         ('{"jsonrpc": "2.0", "id": 1, "id": 2, "method": "foo"}', -32700, "duplicate"),
+        ('{"jsonrpc": "2.0", "id": 1, "method": "echo", "params": [1e400]}', -32700, "large"),
+        (
+            '{"jsonrpc": "2.0", "id": 1, "method": "echo", "params": [' + "9" * 400 + "]}",
+            ErrorCode.PARSE_ERROR,
+            "too large",
+        ),
         ("[" * 80 + "]" * 80, ErrorCode.PARSE_ERROR, "nested deeper"),
         (
             '{"jsonrpc": "2.0", "id": 1, "method": "echo", "params": ' + "[" * 70 + "]" * 70 + "}",

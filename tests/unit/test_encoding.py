@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -107,11 +108,35 @@ def test_rejects_oversize():
 
 @pytest.mark.parametrize(
     "text",
-    [b"NaN", b'{"a":Infinity}', b'{"a":1,"a":2}', b"{", b"[1,]", "[" * 1000 + "]" * 1000],
+    [
+        b"NaN",
+        b'{"a":Infinity}',
+        b'{"a":1,"a":2}',
+        b"{",
+        b"[1,]",
+        "[" * 1000 + "]" * 1000,
+        # Numbers beyond a double's range: an exponent, or an integer of 400 digits.
+        "[1e400]",
+        '{"a":-1e999}',
+        "1" + "0" * 400,
+        "[-" + "9" * 400 + "]",
+    ],
 )
 def test_parse_rejects_invalid_json(text):
     with pytest.raises(EncodingError):
         encoding.parse(text)
+
+
+def test_parse_bounds_nesting_whatever_the_strings_hold():
+    deepest = "[" * encoding.MAX_DEPTH + "]" * encoding.MAX_DEPTH
+    assert encoding.parse(deepest) is not None
+    with pytest.raises(EncodingError, match="nested deeper"):
+        encoding.parse("[" + deepest + "]")
+    with pytest.raises(EncodingError, match="nested deeper"):
+        encoding.parse('{"a":' * (encoding.MAX_DEPTH + 1) + "1" + "}" * (encoding.MAX_DEPTH + 1))
+    # Brackets inside strings are only characters.
+    text = json.dumps({"a": "[{" * 100, "b": [["x"]]})
+    assert encoding.parse(text) == {"a": "[{" * 100, "b": [["x"]]}
 
 
 def test_parse_canonical_rejects_other_spellings():
