@@ -180,16 +180,24 @@ def _number(text: str) -> int | float:
     if -MAX_SAFE_INT <= value <= MAX_SAFE_INT:
         return value
     try:
-        return float(value)
+        as_float = float(value)
     except OverflowError:
         raise EncodingError(f"the number {text[:20]}... is too large for JSON") from None
+    _floats_parsed[0] += 1
+    return as_float
 
 
 def _float(text: str) -> float:
     value = float(text)
     if value == _INF or value == -_INF:
         raise EncodingError(f"the number {text[:20]} is too large for JSON")
+    _floats_parsed[0] += 1
     return value
+
+
+# How many floats the strict decoder has made, ever: a parse that leaves it
+# unchanged made none (another thread's parse can only make a value look less simple).
+_floats_parsed = [0]
 
 
 def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -247,8 +255,15 @@ def parse_canonical(data: bytes, *, max_bytes: int = MAX_ENTRY_BYTES) -> Any:
 
     Fetched entries go through here: a host cannot send two spellings of one entry.
     """
+    floats = _floats_parsed[0]
     value = parse(data, max_bytes=max_bytes)
-    if canonical(value, max_bytes=max_bytes) != data:
+    # No float and no key outside the Basic Multilingual Plane (an ASCII text has
+    # none): check_value would answer True, and need not walk the value to say so.
+    if floats == _floats_parsed[0] and data.isascii():
+        encoded = canonical_checked(value, True, max_bytes=max_bytes)
+    else:
+        encoded = canonical(value, max_bytes=max_bytes)
+    if encoded != data:
         raise EncodingError("JSON text is not in RFC 8785 canonical form")
     return value
 

@@ -146,6 +146,23 @@ def test_parse_canonical_rejects_other_spellings():
         encoding.parse_canonical(b'{"a": 2}')
 
 
+@given(json_values)
+def test_parse_canonical_accepts_exactly_the_canonical_spelling(value):
+    try:
+        data = encoding.canonical(value)
+    except EncodingError:
+        return  # a lone surrogate in the drawn text
+    assert encoding.same_value(encoding.parse_canonical(data), value)
+    # Python's own sorted, compact spelling differs in floats (1.0, 1e-07) and in
+    # the order of keys beyond the Basic Multilingual Plane: accepted only where equal.
+    plain = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    if plain.encode() == data:
+        assert encoding.same_value(encoding.parse_canonical(plain.encode()), value)
+    else:
+        with pytest.raises(EncodingError, match="canonical"):
+            encoding.parse_canonical(plain.encode())
+
+
 def _map_scalars(value, fn):
     if isinstance(value, dict):
         return {k: _map_scalars(v, fn) for k, v in reversed(list(value.items()))}
