@@ -375,8 +375,11 @@ _VM_URL_SCHEMES = ("ws", "wss", "http", "https")
 
 
 def _check_vm_url(url: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in _VM_URL_SCHEMES or not parts.netloc:
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unclosed [IPv6 literal, for one
+        parts = None
+    if parts is None or parts.scheme.lower() not in _VM_URL_SCHEMES or not parts.netloc:
         raise CLIError(f"{url!r} is not a VM's URL such as ws://127.0.0.1:5555/")
 
 

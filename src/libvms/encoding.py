@@ -66,7 +66,11 @@ _INF = float("inf")
 def _check(item: Any, depth: int) -> bool:
     # Exact type checks first: this runs on every entry and message.
     kind = type(item)
-    if kind is str or kind is bool or item is None:
+    if kind is str:
+        if item.isascii() or is_unicode(item):
+            return True
+        raise EncodingError("a string holds a lone surrogate, which UTF-8 cannot encode")
+    if kind is bool or item is None:
         return True
     if kind is int:
         if -MAX_SAFE_INT <= item <= MAX_SAFE_INT:
@@ -80,8 +84,11 @@ def _check(item: Any, depth: int) -> bool:
             if type(key) is not str:
                 if not isinstance(key, str):
                     raise EncodingError(f"object key {key!r} is not a string")
-            elif not key.isascii() and max(key) > "\uffff":
-                simple = False
+            elif not key.isascii():
+                if not is_unicode(key):
+                    raise EncodingError("an object key holds a lone surrogate")
+                if max(key) > "\uffff":
+                    simple = False
             if not _check(x, depth - 1):
                 simple = False
         return simple
@@ -99,7 +106,7 @@ def _check(item: Any, depth: int) -> bool:
         return False
     # Subclasses of the JSON types (an IntEnum, a str subclass...) take the slow road.
     if isinstance(item, str):
-        return True
+        return _check(str.__str__(item), depth)
     if isinstance(item, int):
         return _check(int(item), depth)
     if isinstance(item, float):
@@ -228,9 +235,10 @@ def parse(data: bytes | str, *, max_bytes: int = MAX_ENTRY_BYTES) -> Any:
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise EncodingError(f"invalid JSON: {exc}") from exc
     # The decoder refused what JSON cannot carry (NaN, infinities, duplicate keys)
-    # and made numbers doubles; what is left is the depth, which cannot exceed the
-    # number of opening brackets, so most texts need no walk.
-    if text.count("[") + text.count("{") > MAX_DEPTH:
+    # and made numbers doubles. What is left: lone surrogates, which only a
+    # non-ASCII text or a \u escape can hold, and the depth, which cannot exceed the
+    # number of opening brackets. Most texts need no walk.
+    if not text.isascii() or "\\u" in text or text.count("[") + text.count("{") > MAX_DEPTH:
         check_value(value)
     return value
 

@@ -99,7 +99,9 @@ class Ledger:
         rows = store.query("SELECT value FROM meta WHERE key = ?", (f"{name}.public_key",))
         if not rows:
             raise LibVMSError(f"no {name} ledger here")
-        public_key = bytes(rows[0][0])
+        public_key = rows[0][0]
+        if not isinstance(public_key, bytes) or len(public_key) != 32:
+            raise TamperError(f"the {name} ledger's public key is not 32 bytes on disk")
         if keypair is not None and keypair.public_key != public_key:
             raise TamperError(f"the {name} key file does not match the ledger's public key")
         ledger = cls(store, name, public_key, keypair)

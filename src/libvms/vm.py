@@ -53,6 +53,12 @@ logger = logging.getLogger("libvms.vm")
 #: Calls allowed to wait for a VM at once (the seed's limit).
 MAX_QUEUE = 1000
 
+#: How deep call arguments and results may nest: a log entry holds them two levels
+#: down (``call.args``, ``result.res``), and an entry may nest MAX_DEPTH levels.
+MAX_VALUE_DEPTH = encoding.MAX_DEPTH - 2
+# An oracle's arguments and result sit four levels down (result.oracles[i].res).
+_ORACLE_DEPTH = encoding.MAX_DEPTH - 4
+
 _SEED_DOMAIN = b"libvms/random/v2\x00"
 
 OracleFn = Callable[..., Any]
@@ -111,7 +117,8 @@ class _LiveOracles:
                 value = fn(*args)
                 if inspect.isawaitable(value):
                     value = await value
-                encoding.check_value(value)
+                encoding.check_value(value, max_depth=_ORACLE_DEPTH)
+                logged = encoding.canonical(value)
                 record["res"] = value
             except EncodingError as exc:
                 record["err"] = _error_obj("EncodingError", f"oracle result is not JSON: {exc}")
@@ -120,7 +127,9 @@ class _LiveOracles:
         self.records.append(record)
         if "err" in record:
             raise HostError(record["err"]["name"], record["err"]["message"])
-        return record.get("res")
+        # The script gets the value as a replay reads it back from the log: keys in
+        # canonical order, -0 as 0.
+        return encoding.parse_verified(logged)
 
 
 class _RecordedOracles:
@@ -190,6 +199,12 @@ class _Host:
     async def __call__(self, op: str, args: list[Any]) -> Any:
         if op == "oracle":
             name, oracle_args = args
+            try:
+                encoding.check_value(oracle_args, max_depth=_ORACLE_DEPTH)
+            except EncodingError as exc:  # bytes, or too deep for the entry
+                raise HostError(
+                    "TypeError", f"oracle arguments must be JSON values: {exc}"
+                ) from None
             return await self._oracles(str(name), list(oracle_args))
         try:
             return self._files(op, args)
@@ -452,9 +467,11 @@ class BackendVM:
             raise VMCallError("MethodNotFound", f"{method_name!r} is not an exported function")
         args = list(args)
         try:
-            simple = encoding.check_value(args)
-            if user_id is not None and not isinstance(user_id, str):
-                raise EncodingError("user id must be a string")
+            simple = encoding.check_value(args, max_depth=MAX_VALUE_DEPTH)
+            if user_id is not None:
+                if not isinstance(user_id, str):
+                    raise EncodingError("user id must be a string")
+                encoding.check_value(user_id)  # a lone surrogate
             if call_fields is not None:
                 simple = encoding.check_value(dict(call_fields)) and simple
         except EncodingError as exc:
@@ -514,6 +531,7 @@ class BackendVM:
         except BaseException:
             self._runtime = None
             raise
+        outcome = _loggable(outcome)
         host.commit()
         entry = _outcome_entry(call, archive, outcome, oracles.records)
         if oracles.records:
@@ -597,7 +615,7 @@ class BackendVM:
                 f"entry {seq}: {exc}", index=seq, field="call.methodName", found=method
             ) from None
         host.commit()
-        return _outcome_entry(call, archive, outcome, oracles.records)
+        return _outcome_entry(call, archive, _loggable(outcome), oracles.records)
 
     # -- replay ----------------------------------------------------------------
 
@@ -753,6 +771,21 @@ def _entry(
     if aborted:
         result["aborted"] = True
     return {"type": "call", "call": call, "result": result}
+
+
+def _loggable(outcome: CallOutcome) -> CallOutcome:
+    """``outcome``, or an ``EncodingError`` in place of a result the log cannot hold
+    (nested deeper than :data:`MAX_VALUE_DEPTH`): decided the same way live and in
+    every replay, so such a call is logged and replays like a thrown error."""
+    value = outcome.value
+    if not outcome.has_value or type(value) not in (dict, list):
+        return outcome
+    try:
+        encoding.check_value(value, max_depth=MAX_VALUE_DEPTH)
+    except EncodingError as exc:
+        error = ("EncodingError", f"the result cannot be logged: {exc}")
+        return CallOutcome(None, False, error, outcome.virtual_ms)
+    return outcome
 
 
 def _outcome_entry(

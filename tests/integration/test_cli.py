@@ -296,7 +296,11 @@ def test_sigint_stops_cleanly_then_the_directory_reopens(tmp_path: Path):
 
 def test_bad_urls_and_refused_connections_fail_in_one_line(tmp_path: Path):
     refused = f"ws://127.0.0.1:{free_port()}/"
-    bad = [start("call", "not-a-url", "get"), start("log", tmp_path / "no-such-dir")]
+    bad = [
+        start("call", "not-a-url", "get"),
+        start("call", "ws://[::1", "get"),  # urlsplit raises on an unclosed IPv6 literal
+        start("log", tmp_path / "no-such-dir"),
+    ]
     closed = start("repl", refused, "-e", "get")
     for proc in bad:
         failure(finish(proc))

@@ -68,6 +68,8 @@ async def exchange(ws, text):
         ('{"jsonrpc": "2.0", "id": 1, "method": "foo", "params": [NaN]}', -32700, "NaN"),
         ('{"jsonrpc": "2.0", "id": 1, "id": 2, "method": "foo"}', -32700, "duplicate"),
         ('{"jsonrpc": "2.0", "id": 1, "method": "echo", "params": [1e400]}', -32700, "large"),
+        ('{"jsonrpc": "2.0", "id": "\\udc00", "method": "handshake"}', -32700, "surrogate"),
+        ('{"jsonrpc": "2.0", "id": 1, "method": "echo", "user": "\\ud800"}', -32700, "surrogate"),
         (
             '{"jsonrpc": "2.0", "id": 1, "method": "echo", "params": [' + "9" * 400 + "]}",
             ErrorCode.PARSE_ERROR,

@@ -52,6 +52,14 @@ async def test_changed_entry_with_recomputed_leaf_hash_is_caught(tmp_path):
         await CallLog.open(tmp_path)
 
 
+@pytest.mark.parametrize("value", ["'abc'", "X'00'", "42"])
+async def test_a_mangled_public_key_is_caught(tmp_path, value):
+    await make_log(tmp_path)
+    sql(tmp_path, f"UPDATE meta SET value = {value} WHERE key = 'call_log.public_key'")
+    with pytest.raises(TamperError, match="public key"):
+        await CallLog.open(tmp_path)
+
+
 async def test_dropped_last_entry_is_caught(tmp_path):
     await make_log(tmp_path)
     sql(tmp_path, "DELETE FROM call_log_entries WHERE seq = 10")

@@ -1637,10 +1637,10 @@ async def test_request_arguments_fast_and_slow_paths() -> None:
 @pytest.mark.parametrize(
     ("args", "error"),
     [
-        ([float("nan")], "Out of range float values are not JSON compliant"),
-        ([{"a": float("inf")}], "Out of range float values are not JSON compliant"),
-        ([b"x"], "Object of type bytes is not JSON serializable"),
-        (None, "Circular reference detected"),
+        ([float("nan")], "nan cannot be represented in JSON"),
+        ([{"a": float("inf")}], "inf cannot be represented in JSON"),
+        ([b"x"], "bytes values cannot be represented in JSON"),
+        (None, "nested deeper than"),
     ],
 )
 async def test_call_argument_errors(args: Any, error: str) -> None:
@@ -1651,7 +1651,7 @@ async def test_call_argument_errors(args: Any, error: str) -> None:
     with pytest.raises(EncodingError, match=error):
         await call(rt, "f", *args)
     assert not rt.broken
-    assert await value(rt, "f", True, None, 1.5, "é\x00", 2**60) == [
+    assert await value(rt, "f", True, None, 1.5, "é\x00", float(2**60)) == [
         True,
         None,
         1.5,

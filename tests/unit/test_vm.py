@@ -417,3 +417,76 @@ async def test_math_random_follows_the_documented_seed():
     )
     await vm.close()
     await other.close()
+
+
+VALUES_SCRIPT = """
+exports.keys = (o) => Object.keys(o).join(',')
+exports.isNegativeZero = (x) => Object.is(x, -0)
+exports.quote = (o) => JSON.stringify(o)
+exports.oracleKeys = async () => Object.keys(await System.oracles.obj()).join(',')
+exports.oracleNegativeZero = async () => Object.is(await System.oracles.zero(), -0)
+exports.oracleBytes = async () => {
+  try { await System.oracles.obj(new Uint8Array([1])) } catch (e) { return e.name }
+}
+exports.deep = (n) => { let v = 0; for (let i = 0; i < n; i++) v = [v]; return v }
+exports.count = () => (globalThis.calls = (globalThis.calls || 0) + 1)
+"""
+
+
+async def _replays(vm):
+    replay = await BackendVM.from_call_log(
+        vm.call_log, {"files_archive_url": vm.files_archive.url}, check=True
+    )
+    await replay.close()
+
+
+async def test_arguments_and_oracle_results_look_the_same_live_and_in_replay():
+    # A replay reads arguments and oracle results back from the log, in canonical
+    # form: keys sorted, -0 written as 0. Live calls must show the script the same.
+    vm = await deployed(code=VALUES_SCRIPT)
+    vm.add_oracle("obj", lambda *args: {"z": 1, "a": 2})
+    vm.add_oracle("zero", lambda: -0.0)
+    assert await vm.execute_call("keys", [{"b": 1, "a": 2}]) == "a,b"
+    assert await vm.execute_call("quote", [{"name": "x", "age": 3}]) == '{"age":3,"name":"x"}'
+    assert await vm.execute_call("isNegativeZero", [-0.0]) is False
+    assert await vm.execute_call("isNegativeZero", [[-0.0]]) is False
+    assert await vm.execute_call("oracleKeys") == "a,z"
+    assert await vm.execute_call("oracleNegativeZero") is False
+    # Bytes cannot be logged as an oracle's arguments: the script gets a TypeError.
+    assert await vm.execute_call("oracleBytes") == "TypeError"
+    await _replays(vm)
+    await vm.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "user"), [(["\ud800"], None), ([{"k\udc00": 1}], None), ([1], "al\udfffice")]
+)
+async def test_a_lone_surrogate_is_refused_before_the_call_runs(args, user):
+    vm = await deployed(code=VALUES_SCRIPT)
+    with pytest.raises(VMCallError, match="surrogate"):
+        await vm.execute_call("count", args, user_id=user)
+    assert vm.call_log.length == 1
+    assert await vm.execute_call("count") == 1  # the refused call never ran
+    await _replays(vm)
+    await vm.close()
+
+
+async def test_values_too_deep_for_the_entry_are_refused_or_logged_as_errors(tmp_path):
+    from libvms.vm import MAX_VALUE_DEPTH
+
+    vm = await deployed(tmp_path, code=VALUES_SCRIPT)
+    args: list = [0]  # the arguments' list is one level
+    for _ in range(MAX_VALUE_DEPTH - 1):
+        args = [args]
+    assert await vm.execute_call("count", args) == 1
+    with pytest.raises(VMCallError, match="nested deeper"):
+        await vm.execute_call("count", [args])
+    # A result the entry cannot hold is logged as the script's error, and replays so.
+    assert await vm.execute_call("deep", [MAX_VALUE_DEPTH]) is not None
+    with pytest.raises(VMCallError, match="EncodingError: the result cannot be logged"):
+        await vm.execute_call("deep", [MAX_VALUE_DEPTH + 1])
+    await _replays(vm)
+    await vm.close()
+    reopened = await CallLog.open(tmp_path)  # every entry within the parser's bounds
+    assert reopened.length == 4
+    await reopened.close()

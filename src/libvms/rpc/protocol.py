@@ -254,6 +254,8 @@ def request_text(
     """A request message. Raises :class:`~libvms.errors.EncodingError` for non-JSON params."""
     params = list(params)
     encoding.check_value(params)
+    if user is not None:
+        encoding.check_value(user)  # a lone surrogate (say, from an undecodable argv)
     message: dict[str, Any] = {
         "jsonrpc": JSONRPC_VERSION,
         "id": request_id,

@@ -76,7 +76,7 @@ from typing import Any, NamedTuple
 
 import quickjs
 
-from ..encoding import MAX_DEPTH, MAX_SAFE_INT, is_unicode
+from ..encoding import MAX_DEPTH, MAX_SAFE_INT, canonical, is_unicode
 from ..errors import EncodingError, LimitExceeded, ScriptError, VMCallError
 
 __all__ = [
@@ -279,8 +279,9 @@ def _make_dumps_acyclic() -> Callable[[Any], str]:
 
 _dumps_acyclic = _make_dumps_acyclic()
 
-# Types whose values are JSON scalars for the encoder (subclasses go the long way).
-_SCALAR_TYPES = frozenset((str, int, float, bool, type(None)))
+# Scalars whose JSON text is the canonical one (floats are not: -0.0, 1e-07; and
+# subclasses go the long way).
+_PLAIN_SCALARS = frozenset((str, int, bool, type(None)))
 
 
 def _decode_result(text: str) -> Any:
@@ -320,13 +321,16 @@ def _begin_args(
         if not args:
             args_text = None
         else:
-            dumps = _dumps_acyclic
             for arg in args:
-                if type(arg) not in _SCALAR_TYPES:
-                    dumps = _dumps
+                if type(arg) not in _PLAIN_SCALARS:
+                    # Containers and floats go as their canonical text: what a replay
+                    # reads back from the log, so the script sees the same objects
+                    # (keys in canonical order, -0 as 0) live and in every replay.
+                    args_text = canonical(args).decode()
                     break
-            args_text = dumps(args)
-    except (TypeError, ValueError) as exc:
+            else:
+                args_text = _dumps_acyclic(args)
+    except (TypeError, ValueError) as exc:  # EncodingError is a ValueError
         raise EncodingError(f"call arguments are not JSON: {exc}") from exc
     w0, w1, w2, w3 = _seed_words(seed)
     return (
