@@ -59,6 +59,11 @@ MAX_VALUE_DEPTH = encoding.MAX_DEPTH - 2
 # An oracle's arguments and result sit four levels down (result.oracles[i].res).
 _ORACLE_DEPTH = encoding.MAX_DEPTH - 4
 
+#: Largest canonical encoding of a call's arguments (with its user id), and of its
+#: result: together they leave room in an entry (MAX_ENTRY_BYTES, 8 MiB).
+MAX_ARGS_BYTES = 2 * 2**20
+MAX_RESULT_BYTES = 4 * 2**20
+
 _SEED_DOMAIN = b"libvms/random/v2\x00"
 
 OracleFn = Callable[..., Any]
@@ -474,6 +479,12 @@ class BackendVM:
                 encoding.check_value(user_id)  # a lone surrogate
             if call_fields is not None:
                 simple = encoding.check_value(dict(call_fields)) and simple
+            size = len(encoding.canonical_checked(args, simple)) + len(user_id or "") * 6
+            if size > MAX_ARGS_BYTES:
+                raise EncodingError(
+                    f"they take {size} bytes (with the user id), more than the "
+                    f"{MAX_ARGS_BYTES} allowed"
+                )
         except EncodingError as exc:
             raise VMCallError("TypeError", f"arguments must be JSON values: {exc}") from None
         if self._queued >= self.max_queue:
@@ -775,13 +786,21 @@ def _entry(
 
 def _loggable(outcome: CallOutcome) -> CallOutcome:
     """``outcome``, or an ``EncodingError`` in place of a result the log cannot hold
-    (nested deeper than :data:`MAX_VALUE_DEPTH`): decided the same way live and in
-    every replay, so such a call is logged and replays like a thrown error."""
+    (nested deeper than :data:`MAX_VALUE_DEPTH`, or larger than
+    :data:`MAX_RESULT_BYTES`): decided the same way live and in every replay, so
+    such a call is logged and replays like a thrown error."""
     value = outcome.value
-    if not outcome.has_value or type(value) not in (dict, list):
+    if not outcome.has_value:
         return outcome
     try:
-        encoding.check_value(value, max_depth=MAX_VALUE_DEPTH)
+        if type(value) in (dict, list):
+            encoding.check_value(value, max_depth=MAX_VALUE_DEPTH)
+        if 3 * outcome.size > MAX_RESULT_BYTES:  # else it surely fits: no need to encode
+            size = len(encoding.canonical(value))
+            if size > MAX_RESULT_BYTES:
+                raise EncodingError(
+                    f"it takes {size} bytes, more than the {MAX_RESULT_BYTES} allowed"
+                )
     except EncodingError as exc:
         error = ("EncodingError", f"the result cannot be logged: {exc}")
         return CallOutcome(None, False, error, outcome.virtual_ms)

@@ -490,3 +490,30 @@ async def test_values_too_deep_for_the_entry_are_refused_or_logged_as_errors(tmp
     reopened = await CallLog.open(tmp_path)  # every entry within the parser's bounds
     assert reopened.length == 4
     await reopened.close()
+
+
+async def test_arguments_and_results_too_large_for_an_entry(tmp_path):
+    from libvms.vm import MAX_ARGS_BYTES, MAX_RESULT_BYTES
+
+    code = (
+        VALUES_SCRIPT
+        + """
+exports.big = (n) => 'x'.repeat(n)
+exports.write = async (n) => { await System.files.writeFile('/f', 'y'); return 'x'.repeat(n) }
+"""
+    )
+    vm = await deployed(tmp_path, code=code)
+    with pytest.raises(VMCallError, match="more than the"):
+        await vm.execute_call("count", ["x" * MAX_ARGS_BYTES])
+    assert vm.call_log.length == 1
+    assert len(await vm.execute_call("big", [MAX_RESULT_BYTES - 2])) == MAX_RESULT_BYTES - 2
+    # One byte more: logged as an error; the call's file write stands, as after a throw.
+    with pytest.raises(VMCallError, match="the result cannot be logged"):
+        await vm.execute_call("write", [MAX_RESULT_BYTES - 1])
+    assert await vm.files_archive.read_file("/f") == "y"
+    await _replays(vm)
+    await vm.close()
+    again = BackendVM(code)
+    await again.deploy(tmp_path)  # the directory reopens: its log replays
+    assert again.call_log.length == 3
+    await again.close()

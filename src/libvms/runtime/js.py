@@ -153,6 +153,9 @@ class CallOutcome(NamedTuple):
     error: tuple[str, str] | None = None
     #: How far timers advanced the virtual clock during the call, in ms.
     virtual_ms: int = 0
+    #: An upper bound of the result's JSON text length, in UTF-16 code units: its
+    #: canonical UTF-8 encoding is at most three bytes per unit.
+    size: int = 0
 
 
 # Dispatcher commands understood by the prelude.
@@ -559,7 +562,7 @@ class JSRuntime:
                 # Fast path: the call settled synchronously with a value and left
                 # nothing behind; the text is the value's JSON.
                 if not self._drain_jobs(deadline):
-                    return CallOutcome(_decode_result(status), True, None, 0)
+                    return CallOutcome(_decode_result(status), True, None, 0, len(status))
                 return await self._run_call(self._enter(_POLL, "", deadline), True, host, deadline)
             if first != "X":
                 return await self._run_call(status, False, host, deadline)
@@ -626,7 +629,7 @@ class JSRuntime:
                 # the host polled with none pending): a final status is the
                 # outcome.
                 if kind == "D":
-                    return self._outcome(data)
+                    return self._outcome(data, len(status))
                 if kind == "U":
                     return CallOutcome(
                         None,
@@ -766,10 +769,10 @@ class JSRuntime:
             if logs:
                 self._emit_logs(logs)
 
-    def _outcome(self, data: list[Any]) -> CallOutcome:
+    def _outcome(self, data: list[Any], size: int) -> CallOutcome:
         kind, payload, virtual_ms = data[0], data[1], int(data[2])
         if kind == 1:
-            return CallOutcome(payload, True, None, virtual_ms)
+            return CallOutcome(payload, True, None, virtual_ms, size)
         if kind == 2:
             name, message = str(payload[0]), str(payload[1])
             self._check_engine_error(name, message)
