@@ -96,6 +96,9 @@ class RPCClient:
         self.connect_timeout = connect_timeout
         self.call_timeout = call_timeout
         self.max_message_bytes = max_message_bytes
+        # A reply may hold a result of up to 4 MiB and, in a signed call's receipt,
+        # its entry (up to 8 MiB) as a JSON string, escaped to at most twice that.
+        self._max_reply_bytes = max(16 * max_message_bytes, 4 * encoding.MAX_ENTRY_BYTES)
         self.heartbeat = heartbeat
         self.keep_receipts = keep_receipts
         #: Verified receipts of signed calls, oldest first: the newest ``max_receipts``.
@@ -150,7 +153,7 @@ class RPCClient:
             ws = await asyncio.wait_for(
                 session.ws_connect(
                     self._url,
-                    max_msg_size=self.max_message_bytes * 16,
+                    max_msg_size=self._max_reply_bytes,
                     heartbeat=self.heartbeat,
                     timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
                     compress=0,
@@ -207,7 +210,7 @@ class RPCClient:
                     break
                 try:
                     response = protocol.parse_response(
-                        msg.data, max_bytes=16 * self.max_message_bytes
+                        msg.data, max_bytes=self._max_reply_bytes
                     )
                 except ValueError as exc:
                     error = ConnectError(f"{self._url} sent a malformed reply: {exc}")
