@@ -209,9 +209,7 @@ class RPCClient:
                     error = ConnectError(f"{self._url} sent a non-text message")
                     break
                 try:
-                    response = protocol.parse_response(
-                        msg.data, max_bytes=self._max_reply_bytes
-                    )
+                    response = protocol.parse_response(msg.data, max_bytes=self._max_reply_bytes)
                 except ValueError as exc:
                     error = ConnectError(f"{self._url} sent a malformed reply: {exc}")
                     break
