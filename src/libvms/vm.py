@@ -122,8 +122,8 @@ class _LiveOracles:
                 value = fn(*args)
                 if inspect.isawaitable(value):
                     value = await value
-                encoding.check_value(value, max_depth=_ORACLE_DEPTH)
-                logged = encoding.canonical(value)
+                simple = encoding.check_value(value, max_depth=_ORACLE_DEPTH)
+                logged = encoding.canonical_checked(value, simple)
                 record["res"] = value
             except EncodingError as exc:
                 record["err"] = _error_obj("EncodingError", f"oracle result is not JSON: {exc}")
@@ -544,17 +544,15 @@ class BackendVM:
         except BaseException:
             self._runtime = None
             raise
-        outcome = _loggable(outcome)
+        outcome, result_simple = _loggable(outcome)
         host.commit()
         entry = _outcome_entry(call, archive, outcome, oracles.records)
         if oracles.records:
             seq = log.stage(entry)  # host values: check the whole entry
         else:
             # Everything else in the entry is checked already or is ours (strings,
-            # safe integers): only the result still needs a look.
-            simple = inputs_simple and (
-                not outcome.has_value or encoding.check_value(outcome.value)
-            )
+            # safe integers); _loggable looked at the result.
+            simple = inputs_simple and result_simple
             seq = log.stage_canonical(encoding.canonical_checked(entry, simple))
         if outcome.error is not None:
             return CallResult(seq, None, VMCallError(*outcome.error))
@@ -628,7 +626,7 @@ class BackendVM:
                 f"entry {seq}: {exc}", index=seq, field="call.methodName", found=method
             ) from None
         host.commit()
-        return _outcome_entry(call, archive, _loggable(outcome), oracles.records)
+        return _outcome_entry(call, archive, _loggable(outcome)[0], oracles.records)
 
     # -- replay ----------------------------------------------------------------
 
@@ -802,17 +800,17 @@ def _encoded_size_bound(args: list[Any]) -> int:
     return bound
 
 
-def _loggable(outcome: CallOutcome) -> CallOutcome:
+def _loggable(outcome: CallOutcome) -> tuple[CallOutcome, bool]:
     """``outcome``, or an ``EncodingError`` in place of a result the log cannot hold
     (nested deeper than :data:`MAX_VALUE_DEPTH`, or larger than
     :data:`MAX_RESULT_BYTES`): decided the same way live and in every replay, so
-    such a call is logged and replays like a thrown error."""
+    such a call is logged and replays like a thrown error. The flag is
+    :func:`encoding.check_value`'s answer for the result (see ``canonical_checked``)."""
     value = outcome.value
     if not outcome.has_value:
-        return outcome
+        return outcome, True
     try:
-        if type(value) in (dict, list):
-            encoding.check_value(value, max_depth=MAX_VALUE_DEPTH)
+        simple = encoding.check_value(value, max_depth=MAX_VALUE_DEPTH)
         if 3 * outcome.size > MAX_RESULT_BYTES:  # else it surely fits: no need to encode
             size = len(encoding.canonical(value))
             if size > MAX_RESULT_BYTES:
@@ -821,8 +819,8 @@ def _loggable(outcome: CallOutcome) -> CallOutcome:
                 )
     except EncodingError as exc:
         error = ("EncodingError", f"the result cannot be logged: {exc}")
-        return CallOutcome(None, False, error, outcome.virtual_ms)
-    return outcome
+        return CallOutcome(None, False, error, outcome.virtual_ms), True
+    return outcome, simple
 
 
 def _outcome_entry(
