@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import encoding, merkle
 from .archive import ArchiveTransaction, FilesArchive
@@ -63,6 +64,13 @@ _ORACLE_DEPTH = encoding.MAX_DEPTH - 4
 #: result: together they leave room in an entry (MAX_ENTRY_BYTES, 8 MiB).
 MAX_ARGS_BYTES = 2 * 2**20
 MAX_RESULT_BYTES = 4 * 2**20
+#: Largest canonical encoding of all the oracle records of one call (names,
+#: arguments, results and errors). With the bounds above and the error bounds
+#: below, every call's entry fits in MAX_ENTRY_BYTES.
+MAX_ORACLE_BYTES = 2**20
+#: A thrown error's name and message are logged cut to these many characters.
+MAX_ERROR_NAME_CHARS = 256
+MAX_ERROR_MESSAGE_CHARS = 65_536
 
 _SEED_DOMAIN = b"libvms/random/v2\x00"
 
@@ -111,10 +119,13 @@ class _LiveOracles:
     def __init__(self, functions: Mapping[str, OracleFn]) -> None:
         self._functions = functions
         self.records: list[dict[str, Any]] = []
+        #: Canonical bytes of :attr:`records`, counted against MAX_ORACLE_BYTES.
+        self.used = 0
 
     async def __call__(self, name: str, args: list[Any]) -> Any:
         record: dict[str, Any] = {"name": name, "args": args}
         fn = self._functions.get(name)
+        logged = b""
         if fn is None:
             record["err"] = _error_obj("OracleNotFound", f"no oracle named {name!r}")
         else:
@@ -123,18 +134,53 @@ class _LiveOracles:
                 if inspect.isawaitable(value):
                     value = await value
                 simple = encoding.check_value(value, max_depth=_ORACLE_DEPTH)
-                logged = encoding.canonical_checked(value, simple)
+                logged = encoding.canonical_checked(value, simple, max_bytes=MAX_ORACLE_BYTES)
                 record["res"] = value
             except EncodingError as exc:
-                record["err"] = _error_obj("EncodingError", f"oracle result is not JSON: {exc}")
+                message = f"oracle result cannot be logged: {exc}"
+                record["err"] = _error_obj("EncodingError", message)
             except Exception as exc:
-                record["err"] = _error_obj(type(exc).__name__, str(exc))
+                record["err"] = _error_obj(*_loggable_error(type(exc).__name__, str(exc)))
+        size = _record_size(record)
+        if self.used + size > MAX_ORACLE_BYTES:
+            # Over the budget: a short error in its place, so the entry stays loggable.
+            record.pop("res", None)
+            record["err"] = _error_obj(
+                "RangeError",
+                f"oracle {name!r} answered with more than the {MAX_ORACLE_BYTES} bytes "
+                "one call's oracle records may take",
+            )
+            size = _record_size(record)
+        self.used += size
         self.records.append(record)
         if "err" in record:
             raise HostError(record["err"]["name"], record["err"]["message"])
         # The script gets the value as a replay reads it back from the log: keys in
         # canonical order, -0 as 0.
         return encoding.parse_verified(logged)
+
+
+def _record_size(record: dict[str, Any]) -> int:
+    """Canonical bytes of an oracle record; over the budget if it cannot be encoded."""
+    try:
+        return len(encoding.canonical(record))
+    except EncodingError:
+        return MAX_ORACLE_BYTES + 1
+
+
+def _loggable_error(name: str, message: str) -> tuple[str, str]:
+    """An error's name and message as the log holds them: cut to
+    :data:`MAX_ERROR_NAME_CHARS` and :data:`MAX_ERROR_MESSAGE_CHARS`, and with
+    any lone surrogate (which UTF-8 cannot carry) replaced by U+FFFD."""
+    name = name[:MAX_ERROR_NAME_CHARS]
+    message = message[:MAX_ERROR_MESSAGE_CHARS]
+    if not (encoding.is_unicode(name) and encoding.is_unicode(message)):
+        name = _SURROGATE.sub("\ufffd", name)
+        message = _SURROGATE.sub("\ufffd", message)
+    return name, message
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class _RecordedOracles:
@@ -144,6 +190,8 @@ class _RecordedOracles:
         self._recorded = list(recorded)
         self._seq = seq
         self.records: list[dict[str, Any]] = []
+        #: What the live call counted against MAX_ORACLE_BYTES, counted the same way.
+        self.used = 0
 
     async def __call__(self, name: str, args: list[Any]) -> Any:
         position = len(self.records)
@@ -167,10 +215,20 @@ class _RecordedOracles:
                 found={"name": name, "args": args},
             )
         self.records.append(record)
+        self.used += _record_size(record)
         err = record.get("err")
         if err is not None:
             raise HostError(str(err.get("name", "Error")), str(err.get("message", "")))
         return record.get("res")
+
+
+class _Oracles(Protocol):
+    """Where a call's host gets oracle values: :class:`_LiveOracles` or
+    :class:`_RecordedOracles`."""
+
+    used: int
+
+    async def __call__(self, name: str, args: list[Any]) -> Any: ...
 
 
 class _Host:
@@ -183,7 +241,7 @@ class _Host:
         self,
         archive: FilesArchive,
         mtime_ms: int,
-        oracles: Callable[[str, list[Any]], Awaitable[Any]],
+        oracles: _Oracles,
     ) -> None:
         self._archive = archive
         self._mtime = mtime_ms
@@ -204,13 +262,23 @@ class _Host:
     async def __call__(self, op: str, args: list[Any]) -> Any:
         if op == "oracle":
             name, oracle_args = args
+            oracles = self._oracles
             try:
-                encoding.check_value(oracle_args, max_depth=_ORACLE_DEPTH)
-            except EncodingError as exc:  # bytes, or too deep for the entry
+                simple = encoding.check_value(oracle_args, max_depth=_ORACLE_DEPTH)
+                size = len(
+                    encoding.canonical_checked(oracle_args, simple, max_bytes=MAX_ORACLE_BYTES)
+                )
+            except EncodingError as exc:  # bytes, too deep or too large for the entry
                 raise HostError(
                     "TypeError", f"oracle arguments must be JSON values: {exc}"
                 ) from None
-            return await self._oracles(str(name), list(oracle_args))
+            if oracles.used + size > MAX_ORACLE_BYTES:
+                # Refused before it is recorded, live and in replay alike.
+                raise HostError(
+                    "RangeError",
+                    f"this call's oracle records would take more than {MAX_ORACLE_BYTES} bytes",
+                )
+            return await oracles(str(name), list(oracle_args))
         try:
             return self._files(op, args)
         except ArchiveError as exc:
@@ -477,11 +545,15 @@ class BackendVM:
                 if not isinstance(user_id, str):
                     raise EncodingError("user id must be a string")
                 encoding.check_value(user_id)  # a lone surrogate
-            if call_fields is not None:
-                simple = encoding.check_value(dict(call_fields)) and simple
             size = _encoded_size_bound(args) + 6 * len(user_id or "") + 2
+            if call_fields is not None:
+                fields = dict(call_fields)
+                fields_simple = encoding.check_value(fields)
+                size += len(encoding.canonical_checked(fields, fields_simple))
+                simple = fields_simple and simple
             if size > MAX_ARGS_BYTES:
-                size = len(encoding.canonical_checked([args, user_id], simple))
+                inputs = [args, user_id, dict(call_fields or {})]
+                size = len(encoding.canonical_checked(inputs, simple))
                 if size > MAX_ARGS_BYTES:
                     raise EncodingError(
                         f"they take {size} bytes (with the user id), more than the "
@@ -808,6 +880,11 @@ def _loggable(outcome: CallOutcome) -> tuple[CallOutcome, bool]:
     :func:`encoding.check_value`'s answer for the result (see ``canonical_checked``)."""
     value = outcome.value
     if not outcome.has_value:
+        error = outcome.error
+        if error is not None and (
+            len(error[0]) > MAX_ERROR_NAME_CHARS or len(error[1]) > MAX_ERROR_MESSAGE_CHARS
+        ):
+            return CallOutcome(None, False, _loggable_error(*error), outcome.virtual_ms), True
         return outcome, True
     try:
         simple = encoding.check_value(value, max_depth=MAX_VALUE_DEPTH)

@@ -517,3 +517,86 @@ exports.write = async (n) => { await System.files.writeFile('/f', 'y'); return '
     await again.deploy(tmp_path)  # the directory reopens: its log replays
     assert again.call_log.length == 3
     await again.close()
+
+
+BUDGET_SCRIPT = """
+exports.oracles = async (n, size) => {
+  await System.files.writeFile('/f', 'written')
+  const seen = []
+  for (let i = 0; i < n; i++) {
+    try { seen.push((await System.oracles.blob(size)).length) } catch (e) { seen.push(e.name) }
+  }
+  return seen
+}
+exports.failing = async () => {
+  try { await System.oracles.fail() } catch (e) {
+    return [e.name, e.message.length, e.message.slice(0, 5)]
+  }
+}
+exports.sendBig = async (size) => {
+  try { await System.oracles.echo('x'.repeat(size)) } catch (e) { return e.name + ': ' + e.message }
+}
+exports.throwBig = async (size, nameSize) => {
+  await System.files.writeFile('/g', 'written')
+  const e = new Error('m'.repeat(size))
+  if (nameSize) e.name = 'N'.repeat(nameSize)
+  throw e
+}
+"""
+
+
+async def test_oracle_records_stay_within_their_budget(tmp_path):
+    # Oracle results were once bounded only by the entry: a few large ones made an
+    # entry that could not be logged after the call's writes were staged, and the
+    # directory no longer reopened.
+    from libvms.vm import MAX_ERROR_MESSAGE_CHARS, MAX_ORACLE_BYTES
+
+    vm = await deployed(tmp_path, code=BUDGET_SCRIPT)
+    vm.add_oracle("blob", lambda size: "b" * size)
+    vm.add_oracle("echo", lambda text: len(text))
+    third = MAX_ORACLE_BYTES // 3
+    # Two thirds fit; the third answer would pass the budget and becomes a RangeError.
+    assert await vm.execute_call("oracles", [3, third]) == [third, third, "RangeError"]
+    # One answer larger than the whole budget: refused as it is recorded.
+    assert await vm.execute_call("oracles", [1, MAX_ORACLE_BYTES]) == ["EncodingError"]
+    # Arguments beyond the budget: the oracle is not called, nothing is recorded.
+    assert (await vm.execute_call("sendBig", [MAX_ORACLE_BYTES])).startswith("TypeError: ")
+
+    # A host exception's text is logged cut, with its lone surrogates replaced.
+    def fail() -> None:
+        raise ValueError("\udc80bad" + "x" * 2**20)
+
+    vm.add_oracle("fail", fail)
+    cut = MAX_ERROR_MESSAGE_CHARS
+    assert await vm.execute_call("failing") == ["ValueError", cut, "\ufffdbadx"]
+    entries = await vm.call_log.list(1)
+    assert [len(e["result"]["oracles"]) for e in entries[:2]] == [3, 1]
+    assert "oracles" not in entries[2]["result"]
+    await _replays(vm)
+    await vm.close()
+    again = BackendVM(BUDGET_SCRIPT)
+    await again.deploy(tmp_path)  # every entry was logged: the log replays
+    assert again.call_log.length == 5
+    await again.close()
+
+
+async def test_a_huge_thrown_error_is_logged_cut(tmp_path):
+    from libvms.vm import MAX_ERROR_MESSAGE_CHARS, MAX_ERROR_NAME_CHARS
+
+    vm = await deployed(tmp_path, code=BUDGET_SCRIPT)
+    size = 9 * 2**20  # larger than an entry
+    with pytest.raises(VMCallError) as raised:
+        await vm.execute_call("throwBig", [size, 0])
+    assert raised.value.message == "m" * MAX_ERROR_MESSAGE_CHARS
+    with pytest.raises(VMCallError) as raised:
+        await vm.execute_call("throwBig", [10, size])
+    assert raised.value.name == "N" * MAX_ERROR_NAME_CHARS
+    entry = await vm.call_log.get(1)
+    assert entry["result"]["err"] == {"name": "Error", "message": "m" * MAX_ERROR_MESSAGE_CHARS}
+    assert entry["result"]["filesVersion"] == 2  # the write stands, as after any throw
+    await _replays(vm)
+    await vm.close()
+    again = BackendVM(BUDGET_SCRIPT)
+    await again.deploy(tmp_path)
+    assert again.call_log.length == 3
+    await again.close()
