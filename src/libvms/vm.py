@@ -444,7 +444,6 @@ class BackendVM:
         try:
             log = await CallLog.open(directory, store=store)
             archive = await FilesArchive.open(directory, store=store)
-            store._refs += 1  # both ledgers hold the shared store
             init = await log.get(0)
             if not isinstance(init, dict) or init.get("code") != self.code:
                 raise LibVMSError(f"{directory} holds a VM with a different script")
@@ -453,10 +452,23 @@ class BackendVM:
         except BaseException:
             store.close()
             raise
+        store._refs += 1  # both ledgers hold the shared store
         self._store = store
         self.files_archive = archive
         self.call_log = log
-        runtime = await self._rebuild()
+        try:
+            runtime = await self._rebuild()
+        except BaseException:
+            # A log that does not replay (tampered, or another engine): the VM
+            # stays undeployed and holds nothing open.
+            self._store = None
+            self.files_archive = None  # type: ignore[assignment]
+            self.call_log = None  # type: ignore[assignment]
+            try:
+                await log.close()
+            finally:
+                await archive.close()
+            raise
         self._set_exports(runtime)
         self._deployed = True
 
@@ -750,14 +762,29 @@ class BackendVM:
         try:
             vm._load(runtime, int(init.get("timestamp", 0)))
         except ScriptError as exc:
+            runtime.close()
             raise VerificationError(f"the logged script does not load: {exc}", index=0) from exc
-        store = Store.open(dir)
-        archive = await FilesArchive.create(dir, "replay", store=store)
-        log = CallLog._new(dir, store=store)
+        try:
+            store = Store.open(dir)
+        except BaseException:
+            runtime.close()
+            raise
+        try:
+            archive = await FilesArchive.create(dir, "replay", store=store)
+            log = CallLog._new(dir, store=store)
+        except BaseException:
+            runtime.close()
+            store.close()
+            raise
         store._refs += 1
         vm._attach(store, archive, log, runtime)
-        log.stage(init)
-        await vm.replay_more(call_log, check=check, progress=progress, stats=stats)
+        try:
+            log.stage(init)
+            await vm.replay_more(call_log, check=check, progress=progress, stats=stats)
+        except BaseException:
+            # A failed audit leaves no writer process or sandbox behind.
+            await vm.close()
+            raise
         return vm
 
     async def replay_more(

@@ -12,6 +12,7 @@ from libvms.errors import (
     LibVMSError,
     LimitExceeded,
     NotFoundError,
+    TamperError,
     VerificationError,
     VMCallError,
 )
@@ -186,11 +187,45 @@ async def test_falsified_result_fails_compare_logs_after_replay():
     await vm.close()
 
 
+def _open_stores_in(directory) -> list:
+    from libvms.store import Store
+
+    return [path for path in Store._registry if path.parent == directory]
+
+
 async def test_reopen_refuses_a_different_script(tmp_path):
     vm = await deployed(tmp_path)
     await vm.close()
     with pytest.raises(LibVMSError, match="different script"):
         await BackendVM("exports.x = () => 1").deploy(dir=tmp_path)
+    assert _open_stores_in(tmp_path) == []  # the refused deploy holds nothing open
+
+
+async def test_a_failed_reopen_or_replay_holds_nothing_open(tmp_path):
+    vm = await deployed(tmp_path / "vm")
+    await vm.execute_call("add", [2, 3])
+    forged = CallLog._new(None)  # the host's own re-signed copy, with one result changed
+    for entry in await vm.call_log.list():
+        if entry["type"] == "call":
+            entry["result"]["res"] = 6
+        forged.stage(entry)
+    await forged.ledger.store.flush()
+    with pytest.raises(VerificationError):
+        await BackendVM.from_call_log(
+            forged, {"files_archive_url": vm.files_archive.url}, tmp_path / "replay", check=True
+        )
+    assert _open_stores_in(tmp_path / "replay") == []
+    await vm.close()
+    await forged.close()
+    # The directory's log no longer replays (its archive moved on behind its back).
+    archive = await FilesArchive.open(tmp_path / "vm")
+    await archive.write_file("/file", "tampered")
+    await archive.close()
+    reopened = BackendVM(SCRIPT)
+    with pytest.raises(TamperError, match="files archive does not match"):
+        await reopened.deploy(dir=tmp_path / "vm")
+    assert reopened.call_log is None
+    assert _open_stores_in(tmp_path / "vm") == []
 
 
 async def test_calls_never_interleave_and_log_order_is_archive_order():
