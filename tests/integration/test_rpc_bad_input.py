@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 
 import aiohttp
 import pytest
@@ -300,3 +301,26 @@ async def test_unsigned_requests_may_be_refused():
     finally:
         await server.close()
         await vm.close()
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\n\r\n",
+    ],
+)
+async def test_a_malformed_http_request_gets_400_and_one_log_line(served, caplog, garbage):
+    _vm, server, _gate = served
+    caplog.set_level(logging.INFO, logger="libvms.rpc.http")
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(garbage)
+    assert (await reader.readline()).startswith(b"HTTP/1.0 400")
+    writer.close()
+    await writer.wait_closed()
+    records = [r for r in caplog.records if r.name == "libvms.rpc.http"]
+    assert len(records) == 1
+    # The client's mistake: one line at INFO, not an error with a traceback.
+    assert records[0].levelno == logging.INFO and records[0].exc_info is None
+    assert records[0].getMessage().startswith("refused a malformed HTTP request from 127.0.0.1: ")
+    await still_works(server)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .. import encoding
 from ..checkpoint import TLOG_PROOF_HEADER
@@ -53,6 +54,29 @@ if TYPE_CHECKING:
     from ..vm import BackendVM
 
 logger = logging.getLogger("libvms.rpc")
+
+
+class _MalformedHTTPFilter(logging.Filter):
+    """Turns aiohttp's report of a request it could not parse (garbage, TLS sent
+    to a plain port, an overlong line) from an error with a traceback into one
+    line at INFO: on a public port these are the client's fault, and routine."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            reason = str(exc.message).strip().split("\n", 1)[0][:200]
+            args = record.args
+            where = args[0] if isinstance(args, tuple) and len(args) == 1 else "a client"
+            record.msg = "refused a malformed HTTP request from %s: %s"
+            record.args = (where, reason)
+            record.exc_info = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+#: What aiohttp logs about the server's HTTP connections.
+http_logger = logging.getLogger("libvms.rpc.http")
+http_logger.addFilter(_MalformedHTTPFilter())
 
 #: Default bound on the calls one connection may have running at once.
 MAX_IN_FLIGHT = 128
@@ -300,7 +324,7 @@ class RPCServer:
             raise LibVMSError("server already started")
         app = web.Application(client_max_size=64 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, logger=http_logger)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self._port)
         try:
