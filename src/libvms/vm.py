@@ -147,8 +147,8 @@ class _LiveOracles:
             record.pop("res", None)
             record["err"] = _error_obj(
                 "RangeError",
-                f"oracle {name!r} answered with more than the {MAX_ORACLE_BYTES} bytes "
-                "one call's oracle records may take",
+                f"the oracle's answer would take this call's oracle records past "
+                f"{MAX_ORACLE_BYTES} bytes",
             )
             size = _record_size(record)
         self.used += size
@@ -265,12 +265,16 @@ class _Host:
             oracles = self._oracles
             try:
                 simple = encoding.check_value(oracle_args, max_depth=_ORACLE_DEPTH)
+                # The name is recorded too, and a script may make it of any length.
+                simple = encoding.check_value(name) and simple
                 size = len(
-                    encoding.canonical_checked(oracle_args, simple, max_bytes=MAX_ORACLE_BYTES)
+                    encoding.canonical_checked(
+                        [name, oracle_args], simple, max_bytes=MAX_ORACLE_BYTES
+                    )
                 )
             except EncodingError as exc:  # bytes, too deep or too large for the entry
                 raise HostError(
-                    "TypeError", f"oracle arguments must be JSON values: {exc}"
+                    "TypeError", f"the oracle's name and arguments cannot be logged: {exc}"
                 ) from None
             if oracles.used + size > MAX_ORACLE_BYTES:
                 # Refused before it is recorded, live and in replay alike.

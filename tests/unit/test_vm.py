@@ -568,6 +568,9 @@ exports.failing = async () => {
     return [e.name, e.message.length, e.message.slice(0, 5)]
   }
 }
+exports.longName = async (size) => {
+  try { await System.oracles['o'.repeat(size)]() } catch (e) { return e.name + ': ' + e.message }
+}
 exports.sendBig = async (size) => {
   try { await System.oracles.echo('x'.repeat(size)) } catch (e) { return e.name + ': ' + e.message }
 }
@@ -596,6 +599,8 @@ async def test_oracle_records_stay_within_their_budget(tmp_path):
     assert await vm.execute_call("oracles", [1, MAX_ORACLE_BYTES]) == ["EncodingError"]
     # Arguments beyond the budget: the oracle is not called, nothing is recorded.
     assert (await vm.execute_call("sendBig", [MAX_ORACLE_BYTES])).startswith("TypeError: ")
+    # A name counts too (a script may make it of any length).
+    assert (await vm.execute_call("longName", [MAX_ORACLE_BYTES])).startswith("TypeError: ")
 
     # A host exception's text is logged cut, with its lone surrogates replaced.
     def fail() -> None:
@@ -606,12 +611,12 @@ async def test_oracle_records_stay_within_their_budget(tmp_path):
     assert await vm.execute_call("failing") == ["ValueError", cut, "\ufffdbadx"]
     entries = await vm.call_log.list(1)
     assert [len(e["result"]["oracles"]) for e in entries[:2]] == [3, 1]
-    assert "oracles" not in entries[2]["result"]
+    assert "oracles" not in entries[2]["result"] and "oracles" not in entries[3]["result"]
     await _replays(vm)
     await vm.close()
     again = BackendVM(BUDGET_SCRIPT)
     await again.deploy(tmp_path)  # every entry was logged: the log replays
-    assert again.call_log.length == 5
+    assert again.call_log.length == 6
     await again.close()
 
 
