@@ -37,7 +37,7 @@ from .errors import (
     TamperError,
 )
 from .keys import Keypair, ledger_url
-from .ledger import Ledger
+from .ledger import Ledger, abandon
 from .store import Store
 
 KEY_FILENAME = "files-archive.key"
@@ -510,17 +510,24 @@ class FilesArchive(_Reader):
             directory.mkdir(parents=True, exist_ok=True)
             if (directory / KEY_FILENAME).exists():
                 raise LibVMSError(f"{directory} already holds a files archive")
+        owned = store is None
         store = store if store is not None else Store.open(directory)
+        ledger: Ledger | None = None
+        archive: FilesArchive | None = None
         try:
             ledger = Ledger.create(store, LEDGER_NAME, keypair)
+            if directory is not None:
+                keypair.save(directory / KEY_FILENAME)
+            archive = cls._make(ledger, directory, title)
+            ledger.stage_append({"type": "genesis", "title": title})
+            if owned:
+                # A caller that gave its store commits the genesis with what it stages next.
+                await store.flush()
         except BaseException:
-            store.close()
+            if archive is not None:
+                store.remove_commit_hook(archive._before_commit)
+            abandon(ledger, store, owned)
             raise
-        if directory is not None:
-            keypair.save(directory / KEY_FILENAME)
-        archive = cls._make(ledger, directory, title)
-        ledger.stage_append({"type": "genesis", "title": title})
-        await store.flush()
         return archive
 
     @classmethod
@@ -531,13 +538,18 @@ class FilesArchive(_Reader):
             raise LibVMSError(f"{directory} holds no files archive")
         key_path = directory / KEY_FILENAME
         keypair = Keypair.load(key_path) if key_path.exists() else None
+        owned = store is None
         store = store if store is not None else Store.open(directory)
+        ledger: Ledger | None = None
+        archive: FilesArchive | None = None
         try:
             ledger = Ledger.open(store, LEDGER_NAME, keypair)
             archive = cls._from_ledger(ledger, directory)
             archive._verify_blobs()
         except BaseException:
-            store.close()
+            if archive is not None:
+                store.remove_commit_hook(archive._before_commit)
+            abandon(ledger, store, owned)
             raise
         return archive
 
@@ -549,8 +561,9 @@ class FilesArchive(_Reader):
         genesis = entries[0]
         if not isinstance(genesis, dict) or genesis.get("type") != "genesis":
             raise TamperError("files archive entry 0 is not a genesis entry", where="0")
+        tree = _replay(entries, len(entries))
         archive = cls._make(ledger, directory, str(genesis.get("title", "")))
-        archive._tree = _replay(entries, len(entries))
+        archive._tree = tree
         return archive
 
     @classmethod

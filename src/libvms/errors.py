@@ -146,6 +146,10 @@ class ScriptError(LibVMSError):
     """The backend script could not be loaded (syntax error, throws at top level...)."""
 
 
+class DirectoryInUseError(LibVMSError):
+    """Another VM (in this process or another) holds the directory: one at a time writes it."""
+
+
 class ConnectError(LibVMSError, ConnectionError):
     """The server is unreachable or is not a libvms server."""
 

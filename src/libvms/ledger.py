@@ -348,3 +348,14 @@ class Ledger:
         if self._checkpoint_text is None:
             raise LibVMSError(f"this {self.name} has no checkpoint yet")
         return self._checkpoint_text
+
+
+def abandon(ledger: Ledger | None, store: Store, owned: bool) -> None:
+    """Undo a failed open or create: drop ``ledger``'s commit hook, and release
+    ``store`` if the failed call opened it (a store the caller gave stays the caller's)."""
+    try:
+        if ledger is not None:
+            ledger.close()
+    finally:
+        if owned:
+            store.close()

@@ -19,7 +19,7 @@ from typing import Any
 from . import encoding
 from .errors import LibVMSError
 from .keys import Keypair, ledger_url
-from .ledger import Ledger
+from .ledger import Ledger, abandon
 from .store import Store
 
 KEY_FILENAME = "call-log.key"
@@ -122,14 +122,16 @@ class CallLog:
             key_path = directory / KEY_FILENAME
             if key_path.exists():
                 raise LibVMSError(f"{directory} already holds a call log")
+        owned = store is None
         store = store if store is not None else Store.open(directory)
+        ledger: Ledger | None = None
         try:
             ledger = Ledger.create(store, LEDGER_NAME, keypair)
+            if directory is not None:
+                keypair.save(directory / KEY_FILENAME)
         except BaseException:
-            store.close()
+            abandon(ledger, store, owned)
             raise
-        if directory is not None:
-            keypair.save(directory / KEY_FILENAME)
         return cls(ledger, directory)
 
     @classmethod
@@ -175,11 +177,12 @@ class CallLog:
         if not Store.exists(directory):
             raise LibVMSError(f"{directory} holds no call log")
         keypair = Keypair.load(key_path) if key_path.exists() else None
+        owned = store is None
         store = store if store is not None else Store.open(directory)
         try:
             ledger = Ledger.open(store, LEDGER_NAME, keypair)
         except BaseException:
-            store.close()
+            abandon(None, store, owned)
             raise
         return cls(ledger, directory)
 

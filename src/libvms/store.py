@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import marshal
 import os
@@ -26,15 +27,19 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from . import writer
-from .errors import LibVMSError, TamperError
+from .errors import DirectoryInUseError, LibVMSError, TamperError
 from .writer import Signature
 
 DB_FILENAME = "libvms.db"
+LOCK_FILENAME = "libvms.lock"
+#: Seconds a deploy waits for another holder of its directory to let go.
+LOCK_WAIT = 5.0
 
 Write = tuple[str, Sequence[Any] | Iterable[Sequence[Any]], bool]
 #: A commit hook: what joins the commit about to start.
@@ -48,6 +53,63 @@ CREATE TABLE IF NOT EXISTS blobs (hash BLOB PRIMARY KEY, data BLOB NOT NULL);
 
 class StoreError(LibVMSError):
     """The database could not be written; the ledgers in it must be reopened."""
+
+
+class DirectoryLock:
+    """An exclusive hold on a directory, taken by the VM that writes it.
+
+    A ``flock`` on the directory's ``libvms.lock``, so the system drops it when
+    its holders exit, however they exit: a crash leaves no stale lock. The
+    directory's writer process inherits it (see :meth:`Store.open`), so a writer
+    still finishing a dead VM's last commit keeps the next VM out until it is done.
+    """
+
+    _held: set[Path] = set()  # noqa: RUF012 - this process's, by design
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self.fd = fd
+        self._path = path
+
+    @classmethod
+    async def acquire(cls, directory: str | Path, timeout: float = LOCK_WAIT) -> DirectoryLock:
+        """Take the lock, waiting up to ``timeout`` seconds for another process to
+        let go (a dead VM's writer process takes a moment to see it is alone and
+        exit). A directory held in this process is refused at once."""
+        path = Path(directory).resolve()
+        if path in cls._held:
+            raise cls._in_use(path, "in this process")
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / LOCK_FILENAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if path in cls._held:  # taken in this process while this one waited
+                    raise cls._in_use(path, "in this process")
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise cls._in_use(path, "in another process") from None
+                # flock has nothing to await: look again shortly.
+                await asyncio.sleep(0.02)
+        except BaseException:
+            os.close(fd)
+            raise
+        cls._held.add(path)
+        return cls(fd, path)
+
+    @staticmethod
+    def _in_use(path: Path, where: str) -> DirectoryInUseError:
+        return DirectoryInUseError(
+            f"{path} is in use by another VM ({where}): one VM at a time may write a directory"
+        )
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            self._held.discard(self._path)
+            os.close(fd)
 
 
 # An INSERT whose rows can be merged into one multi-row statement: its table, its row.
@@ -166,12 +228,13 @@ class _Writer:
     no longer be trusted: the process is killed and every later use fails.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, inherit: tuple[int, ...] = ()) -> None:
         self._proc = subprocess.Popen(
             [sys.executable, "-I", writer.__file__, str(path)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             bufsize=0,
+            pass_fds=inherit,
             # Its own session: Ctrl-C, SIGQUIT and SIGHUP for the terminal's
             # process group do not reach it; it ends when told to, or when its
             # parent's end of the pipe closes.
@@ -336,7 +399,7 @@ class Store:
     _registry: dict[Path, Store] = {}  # noqa: RUF012 - process-wide by design
     _registry_lock = threading.Lock()
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, inherit: tuple[int, ...] = ()) -> None:
         self.path = path
         self._refs = 1
         self._lock = threading.RLock()
@@ -352,14 +415,18 @@ class Store:
         self._inflight: _Commit | None = None
         self._pump_scheduled = False
         # Started now, so that its start-up overlaps whatever comes before the first commit.
-        self._writer: _Writer | None = None if path is None else _Writer(path)
+        self._writer: _Writer | None = None if path is None else _Writer(path, inherit)
         self._reading: asyncio.AbstractEventLoop | None = None  # watches the writer's replies
         self._failed: BaseException | None = None
         self.commits = 0
 
     @classmethod
-    def open(cls, directory: str | Path | None) -> Store:
-        """Open (or share) the store of ``directory``; None gives a private in-memory store."""
+    def open(cls, directory: str | Path | None, *, lock: DirectoryLock | None = None) -> Store:
+        """Open (or share) the store of ``directory``; None gives a private in-memory store.
+
+        ``lock``, the directory's :class:`DirectoryLock`, is handed down to the writer
+        process when this starts one.
+        """
         if directory is None:
             return cls(None)
         path = (Path(directory) / DB_FILENAME).resolve()
@@ -369,7 +436,7 @@ class Store:
                 store._refs += 1
                 return store
             path.parent.mkdir(parents=True, exist_ok=True)
-            store = cls(path)
+            store = cls(path, () if lock is None else (lock.fd,))
             cls._registry[path] = store
             return store
 
@@ -377,6 +444,27 @@ class Store:
     def exists(cls, directory: str | Path) -> bool:
         """True if ``directory`` already holds a libvms database."""
         return (Path(directory) / DB_FILENAME).exists()
+
+    @classmethod
+    def holds_nothing(cls, directory: str | Path) -> bool:
+        """True if ``directory``'s database exists but not one row was ever committed
+        to it (its tables may exist: they are made before the first commit)."""
+        path = Path(directory) / DB_FILENAME
+        try:
+            conn = sqlite3.connect(str(path), isolation_level=None)
+        except sqlite3.Error:
+            return False
+        try:
+            listed = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            tables = [row[0] for row in listed]
+            for table in tables:
+                if conn.execute(f'SELECT 1 FROM "{table}" LIMIT 1').fetchone() is not None:
+                    return False
+        except sqlite3.Error:
+            return False  # unreadable: opening it says why
+        finally:
+            conn.close()
+        return True
 
     def close(self) -> None:
         """Drop one reference; the last one closes the database (later calls do nothing)."""

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import encoding, merkle
+from .archive import KEY_FILENAME as ARCHIVE_KEY_FILENAME
 from .archive import ArchiveTransaction, FilesArchive
 from .errors import (
     ArchiveError,
@@ -39,6 +40,7 @@ from .errors import (
 )
 from .keys import same_ledger
 from .log import ABSENT, CallLog, init_entry
+from .log import KEY_FILENAME as LOG_KEY_FILENAME
 from .runtime.js import (
     ENGINE_NAME,
     ENGINE_VERSION,
@@ -47,7 +49,7 @@ from .runtime.js import (
     HostError,
     JSRuntime,
 )
-from .store import Store
+from .store import DirectoryLock, Store
 
 logger = logging.getLogger("libvms.vm")
 
@@ -364,6 +366,7 @@ class BackendVM:
         self._last_timestamp = 0
         self._closed = False
         self._deployed = False
+        self._dir_lock: DirectoryLock | None = None
         self._logger = logger
 
     # -- configuration ---------------------------------------------------------
@@ -409,30 +412,70 @@ class BackendVM:
 
         On a directory that already holds this VM, reopen both ledgers (verifying
         them) and rebuild the script's state by replaying the log. A directory
-        holding a different script is an error.
+        holding a different script is an error, and so is one that another VM
+        holds (:class:`~libvms.errors.DirectoryInUseError`).
+
+        Creating is one commit: the archive's genesis, the init entry and the
+        ``init`` call are durable together or not at all, so a crash leaves a
+        directory that reopens or one that holds nothing (deployed afresh). When
+        ``init`` throws, it is logged all the same (it ran, and runs only once),
+        the VM is closed and the error is raised; deploying the directory again
+        reopens it.
         """
-        if self._runtime is not None:
+        if self._runtime is not None or self._deployed:
             raise LibVMSError("this VM is already deployed")
-        if dir is not None and Store.exists(dir):
-            await self._reopen(Path(dir))
-            return
+        if self._closed:
+            raise LibVMSError("this VM is closed")
+        lock = None if dir is None else await DirectoryLock.acquire(dir)
+        try:
+            if dir is not None and Store.exists(dir) and not _discard_uncommitted(Path(dir)):
+                await self._reopen(Path(dir), lock)
+                self._dir_lock = lock
+                return
+            init_error = await self._create(dir, title, lock)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        self._dir_lock = lock
+        if init_error is not None:
+            await self.close()
+            raise init_error
+
+    async def _create(
+        self, dir: str | Path | None, title: str, lock: DirectoryLock | None
+    ) -> VMCallError | None:
+        """Deploy afresh in one commit; returns the error ``init`` ended with, if any."""
         timestamp = _now_ms()
         runtime = self._new_runtime()
-        self._load(runtime, timestamp)
-        store = Store.open(dir)
+        try:
+            self._load(runtime, timestamp)
+            store = Store.open(dir, lock=lock)
+        except BaseException:
+            runtime.close()
+            raise
         try:
             archive = await FilesArchive.create(dir, title, store=store)
             log = CallLog._new(dir, store=store)
         except BaseException:
+            runtime.close()
             store.close()
             raise
         self._attach(store, archive, log, runtime)
         log.stage(init_entry(self.code, archive.url, runtime=runtime_info(), timestamp=timestamp))
         self._last_timestamp = timestamp
-        await store.flush()
-        if "init" in self._exports and isinstance(self._exports["init"], _ExportedFunction):
-            await self.execute_call("init", [])
+        try:
+            if _runs_init(runtime):
+                # Its entry joins the same commit as everything staged above.
+                result = await self.submit("init", [])
+                self._deployed = True
+                return result.error
+            await store.flush()
+        except BaseException:
+            await self.close()
+            raise
         self._deployed = True
+        return None
 
     def _attach(
         self, store: Store, archive: FilesArchive, log: CallLog, runtime: JSRuntime
@@ -443,8 +486,8 @@ class BackendVM:
         self._runtime = runtime
         self._set_exports(runtime)
 
-    async def _reopen(self, directory: Path) -> None:
-        store = Store.open(directory)
+    async def _reopen(self, directory: Path, lock: DirectoryLock | None) -> None:
+        store = Store.open(directory, lock=lock)
         try:
             log = await CallLog.open(directory, store=store)
             archive = await FilesArchive.open(directory, store=store)
@@ -652,12 +695,23 @@ class BackendVM:
         """Replay ``source``'s entries from ``start`` on; yields (seq, entry, logged, produced)."""
         total = source.length
         init_leaf = source.ledger.tree.leaf(0)
+        runs_init = _runs_init(runtime)
+        if runs_init and total == 1:
+            raise VerificationError(
+                "the script exports init, but the log holds no init call (entry 1): "
+                "a deploy runs it in the same commit as the init entry",
+                index=1,
+                field="call.methodName",
+                expected="init",
+            )
         for base in range(start, total, 1000):
             raws = source.ledger.raw_range(base, min(total, base + 1000))
             for offset, raw in enumerate(raws):
                 seq = base + offset
                 entry = encoding.parse_verified(raw)
-                produced = await self._replay_entry(runtime, archive, entry, seq, init_leaf)
+                produced = await self._replay_entry(
+                    runtime, archive, entry, seq, init_leaf, runs_init
+                )
                 self._last_timestamp = max(self._last_timestamp, int(entry["call"]["timestamp"]))
                 yield seq, entry, raw, produced
 
@@ -668,8 +722,12 @@ class BackendVM:
         entry: Any,
         seq: int,
         init_leaf: bytes,
+        runs_init: bool,
     ) -> dict[str, Any]:
-        """Re-execute logged call ``seq`` on ``archive``; returns the entry it produces."""
+        """Re-execute logged call ``seq`` on ``archive``; returns the entry it produces.
+
+        ``runs_init``: the script exports ``init``, so entry 1 must be its call.
+        """
         try:
             if not isinstance(entry, dict) or entry.get("type") != "call":
                 raise TypeError("not a call entry")
@@ -686,6 +744,7 @@ class BackendVM:
             raise VerificationError(
                 f"entry {seq} is not a well-formed call entry ({exc})", index=seq
             ) from None
+        _check_init_rule(seq, call, runs_init)
         if result.get("aborted"):
             return _entry(
                 call, archive, err=result.get("err"), aborted=True, oracles=recorded or None
@@ -768,10 +827,14 @@ class BackendVM:
         except ScriptError as exc:
             runtime.close()
             raise VerificationError(f"the logged script does not load: {exc}", index=0) from exc
+        lock = None
         try:
-            store = Store.open(dir)
+            lock = None if dir is None else await DirectoryLock.acquire(dir)
+            store = Store.open(dir, lock=lock)
         except BaseException:
             runtime.close()
+            if lock is not None:
+                lock.release()
             raise
         try:
             archive = await FilesArchive.create(dir, "replay", store=store)
@@ -779,8 +842,11 @@ class BackendVM:
         except BaseException:
             runtime.close()
             store.close()
+            if lock is not None:
+                lock.release()
             raise
         store._refs += 1
+        vm._dir_lock = lock
         vm._attach(store, archive, log, runtime)
         try:
             log.stage(init)
@@ -844,8 +910,13 @@ class BackendVM:
                 if self.call_log is not None:
                     await self.call_log.close()
             finally:
-                if self.files_archive is not None:
-                    await self.files_archive.close()
+                try:
+                    if self.files_archive is not None:
+                        await self.files_archive.close()
+                finally:
+                    if self._dir_lock is not None:
+                        self._dir_lock.release()
+                        self._dir_lock = None
 
     async def __aenter__(self) -> BackendVM:
         return self
@@ -862,6 +933,55 @@ def _assertion(assertions: Any, *names: str) -> Any:
         if value is not None:
             return value
     return None
+
+
+def _check_init_rule(seq: int, call: dict[str, Any], runs_init: bool) -> None:
+    """Raise :class:`VerificationError` unless ``init`` is called exactly where a
+    deploy calls it: as entry 1, with no arguments and no caller, when the script
+    exports it, and nowhere else. (A host that ran it again could reset the
+    script's state behind its users.)"""
+    method = call["methodName"]
+    if seq == 1 and runs_init:
+        if method != "init":
+            raise VerificationError(
+                f"entry 1 calls {method!r}, but the script exports init, which a deploy "
+                "calls first",
+                index=1,
+                field="call.methodName",
+                expected="init",
+                found=method,
+            )
+        if call["args"] != [] or "userId" in call or "signed" in call:
+            raise VerificationError(
+                "entry 1 calls init with arguments or a caller; a deploy calls it with neither",
+                index=1,
+                field="call",
+            )
+    elif method == "init":
+        raise VerificationError(
+            f"entry {seq} calls init, which runs once, as entry 1, when the VM is deployed"
+            + ("" if runs_init else " (and this script exports no init function)"),
+            index=seq,
+            field="call.methodName",
+            found=method,
+        )
+
+
+def _runs_init(runtime: JSRuntime) -> bool:
+    """Whether the loaded script exports a function ``init``: the call a deploy makes
+    first (entry 1), and never again."""
+    return ("init", True) in runtime.export_names()
+
+
+def _discard_uncommitted(directory: Path) -> bool:
+    """Whether ``directory`` holds only what a deploy that crashed before its one
+    commit left: a database with nothing committed, and key files that never signed
+    anything, which are removed. Called with the directory locked."""
+    if not Store.holds_nothing(directory):
+        return False
+    for name in (LOG_KEY_FILENAME, ARCHIVE_KEY_FILENAME):
+        (directory / name).unlink(missing_ok=True)
+    return True
 
 
 def _entry(

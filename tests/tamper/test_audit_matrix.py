@@ -448,3 +448,34 @@ async def test_lie_stays_caught_while_the_host_keeps_serving(host, tmp_path):
     assert len(await host.entries(LOG_LEDGER)) == 4
     problem = only_problem(await audit(host, tmp_path))
     assert (problem.kind, problem.index) == ("replay-mismatch", 1)
+
+
+# -- init ----------------------------------------------------------------------------------
+
+INIT_SCRIPT = """
+let total
+exports.init = () => { total = 0 }
+exports.add = (n) => (total += n)
+"""
+
+
+async def test_init_run_again_is_a_replay_mismatch(tmp_path):
+    # The host runs init again, which resets the script's state behind its users,
+    # and logs that call as the VM would: every entry is one the script computes.
+    host = DishonestHost(tmp_path / "vm", INIT_SCRIPT)
+    await host.start()
+    try:
+        await debug_calls(host, ("add", 1), ("add", 2))
+
+        def run_init_again(entries):
+            again = encoding.parse(encoding.canonical(entries[1]))
+            again["call"]["timestamp"] = entries[-1]["call"]["timestamp"]
+            return [*entries, again]
+
+        await host.rewrite(run_init_again)
+        problem = only_problem(await audit(host, tmp_path))
+        assert problem.kind == "replay-mismatch"
+        assert (problem.index, problem.field) == (4, "call.methodName")
+        assert "runs once" in problem.message
+    finally:
+        await host.close()

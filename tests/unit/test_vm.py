@@ -193,6 +193,122 @@ def _open_stores_in(directory) -> list:
     return [path for path in Store._registry if path.parent == directory]
 
 
+async def test_one_vm_at_a_time_holds_a_directory(tmp_path):
+    from libvms.errors import DirectoryInUseError
+
+    first = BackendVM(SCRIPT)
+    second = BackendVM(SCRIPT)
+    results = await asyncio.gather(
+        first.deploy(dir=tmp_path), second.deploy(dir=tmp_path), return_exceptions=True
+    )
+    assert results[0] is None and isinstance(results[1], DirectoryInUseError)
+    assert await first.execute_call("add", [1, 2]) == 3  # the refusal took nothing from it
+    with pytest.raises(DirectoryInUseError, match="in this process"):
+        await BackendVM(SCRIPT).deploy(dir=tmp_path)
+    with pytest.raises(DirectoryInUseError):
+        await BackendVM.from_call_log(
+            first.call_log, {"files_archive_url": first.files_archive.url}, tmp_path
+        )
+    await first.close()
+    again = BackendVM(SCRIPT)
+    await again.deploy(dir=tmp_path)  # free once the holder closed
+    assert again.call_log.length == 2
+    await again.close()
+
+
+async def test_a_database_with_nothing_committed_is_deployed_afresh(tmp_path):
+    # What a deploy killed before its one commit leaves: the tables, the key files.
+    from libvms.store import Store
+
+    store = Store.open(tmp_path)
+    CallLog._new(tmp_path, store=store)
+    store.close()
+    assert Store.holds_nothing(tmp_path) and (tmp_path / "call-log.key").exists()
+    vm = await deployed(tmp_path)
+    assert await vm.execute_call("add", [1, 2]) == 3
+    await vm.close()
+    assert not Store.holds_nothing(tmp_path)
+    again = await deployed(tmp_path)
+    assert again.call_log.length == 2
+    await again.close()
+
+
+INIT_SCRIPT = """
+exports.init = async () => {
+  await System.files.writeFile('/count', '0')
+  if (globalThis.failInit) throw new Error('init failed')
+}
+exports.bump = async () => {
+  const n = Number(await System.files.readFile('/count')) + 1
+  await System.files.writeFile('/count', String(n))
+  return n
+}
+"""
+
+
+async def test_init_that_throws_is_logged_once_and_the_deploy_fails(tmp_path):
+    code = "globalThis.failInit = true\n" + INIT_SCRIPT
+    vm = BackendVM(code)
+    with pytest.raises(VMCallError, match="init failed"):
+        await vm.deploy(dir=tmp_path)
+    with pytest.raises(LibVMSError, match="closed"):
+        await vm.execute_call("bump")
+    again = BackendVM(code)
+    await again.deploy(dir=tmp_path)  # it ran, and runs once: the directory reopens
+    entries = await again.call_log.list(1)
+    assert [(e["call"]["methodName"], e["result"]["err"]["message"]) for e in entries] == [
+        ("init", "init failed")
+    ]
+    assert await again.execute_call("bump") == 1  # its write before the throw stands
+    await again.close()
+
+
+async def _forge(entries):
+    """The host's own re-signed log holding ``entries``."""
+    forged = CallLog._new(None)
+    for entry in entries:
+        forged.stage(entry)
+    await forged.ledger.store.flush()
+    return forged
+
+
+async def test_init_runs_first_and_only_first_in_every_replay():
+    vm = await deployed(code=INIT_SCRIPT)
+    for _ in range(2):
+        await vm.execute_call("bump")
+    assertions = {"files_archive_url": vm.files_archive.url}
+    # A host that runs init again resets the script's state behind its users; each
+    # entry is one a VM makes (the replay of its own steps succeeds), but not there.
+    vm._deployed = False
+    await vm.execute_call("init")
+    vm._deployed = True
+    assert await vm.execute_call("bump") == 1
+    with pytest.raises(VerificationError, match="entry 4 calls init") as raised:
+        await BackendVM.from_call_log(vm.call_log, assertions)
+    assert raised.value.index == 4
+    entries = await vm.call_log.list()
+    # A log that skips init, or stops before it.
+    for forged_entries, match in [
+        ([entries[0], *entries[2:4]], "entry 1 calls 'bump', but the script exports init"),
+        (entries[:1], "holds no init call"),
+    ]:
+        forged = await _forge(forged_entries)
+        with pytest.raises(VerificationError, match=match):
+            await BackendVM.from_call_log(forged, assertions)
+        await forged.close()
+    # An init call in the log of a script without one.
+    plain = await deployed()
+    await plain.execute_call("foo")
+    entries = await plain.call_log.list()
+    entries[1]["call"]["methodName"] = "init"
+    forged = await _forge(entries)
+    with pytest.raises(VerificationError, match="exports no init function"):
+        await BackendVM.from_call_log(forged, {"files_archive_url": plain.files_archive.url})
+    await forged.close()
+    await plain.close()
+    await vm.close()
+
+
 async def test_reopen_refuses_a_different_script(tmp_path):
     vm = await deployed(tmp_path)
     await vm.close()
