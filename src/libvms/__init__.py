@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from .errors import (
     BlobNotFetchedError,
+    DirectoryInUseError,
     InvalidPathError,
     LibVMSError,
     LimitExceeded,
@@ -41,6 +42,7 @@ __all__ = [
     "BlobNotFetchedError",
     "CallLog",
     "DatArchive",
+    "DirectoryInUseError",
     "FilesArchive",
     "InvalidPathError",
     "Keypair",
