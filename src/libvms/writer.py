@@ -162,7 +162,10 @@ def main() -> None:
             reply = b"\x00" + marshal.dumps(run(conn, *marshal.loads(body)))
         except Exception as exc:  # reported to the parent, which fails the commit
             reply = b"\x01" + f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")
-        write_all(sink, LENGTH.pack(len(reply)) + reply)
+        try:
+            write_all(sink, LENGTH.pack(len(reply)) + reply)
+        except BrokenPipeError:
+            break  # the parent is gone; the commit stands, as after a crash of its own
     conn.close()
     os._exit(0)  # nothing left to clean up; skips the interpreter's teardown
 

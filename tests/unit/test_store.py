@@ -387,3 +387,30 @@ async def test_subclasses_of_the_stored_types_are_stored_as_their_base_type(
             await store.flush()
         finally:
             store.close()
+
+
+def test_a_writer_whose_parent_is_gone_commits_and_exits_quietly(tmp_path: Path) -> None:
+    # The parent died after sending a commit: the reply has nowhere to go. The
+    # commit stands (as if the parent had crashed after reading it), and the
+    # writer leaves without a traceback on the terminal it shares.
+    import marshal
+    import subprocess
+    import sys
+
+    db = tmp_path / "libvms.db"
+    sqlite3.connect(db).execute("CREATE TABLE t (v INTEGER)").connection.close()
+    proc = subprocess.Popen(
+        [sys.executable, "-I", writer_module.__file__, str(db)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdout.close()  # the parent's end of the replies, gone
+    for body in (marshal.dumps([]), marshal.dumps(([("INSERT INTO t VALUES (?)", [7])], []))):
+        proc.stdin.write(writer_module.LENGTH.pack(len(body)) + body)
+    proc.stdin.flush()
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert err == b""
+    assert sqlite3.connect(db).execute("SELECT v FROM t").fetchall() == [(7,)]
