@@ -744,7 +744,8 @@ class BackendVM:
             raise VerificationError(
                 f"entry {seq} is not a well-formed call entry ({exc})", index=seq
             ) from None
-        _check_init_rule(seq, call, runs_init)
+        if method == "init" or (seq == 1 and runs_init):
+            _check_init_rule(seq, call, runs_init)
         if result.get("aborted"):
             return _entry(
                 call, archive, err=result.get("err"), aborted=True, oracles=recorded or None
