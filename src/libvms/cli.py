@@ -172,6 +172,29 @@ def _parse_arg(text: str) -> Any:
 
 # -- shared options ------------------------------------------------------------
 
+
+def _limit_options(time_help: str, memory_help: str) -> Callable[[F], F]:
+    """``--call-timeout`` and ``--memory-limit``: the sandbox's limits, for a VM or a replay."""
+
+    def add(f: F) -> F:
+        f = click.option(
+            "--memory-limit",
+            type=_ByteSize(),
+            default="64M",
+            show_default=True,
+            help=f"Memory {memory_help}, in bytes (K, M and G suffixes are powers of 1024).",
+        )(f)
+        return click.option(
+            "--call-timeout",
+            type=click.FloatRange(min=0, min_open=True),
+            default=5.0,
+            show_default=True,
+            help=f"Seconds {time_help}.",
+        )(f)
+
+    return add
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -323,20 +346,7 @@ async def _serve(
     help="Data directory of the VM's ledgers.  [default: ./<script name without extension>]",
 )
 @click.option("--title", help="Title of the files archive.  [default: '<script file name> files']")
-@click.option(
-    "--call-timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=5.0,
-    show_default=True,
-    help="Seconds a call may run before it is aborted.",
-)
-@click.option(
-    "--memory-limit",
-    type=_ByteSize(),
-    default="64M",
-    show_default=True,
-    help="Memory the script may use, in bytes (K, M and G suffixes are powers of 1024).",
-)
+@_limit_options("a call may run before it is aborted", "the script may use")
 def exec_(
     script: Path,
     port: int,
@@ -1000,6 +1010,7 @@ async def _verify(
     follow: bool,
     quiet: bool,
     max_outage: float,
+    limits: dict[str, Any],
 ) -> AuditReport:
     from rich.console import Console
     from rich.progress import (
@@ -1034,7 +1045,7 @@ async def _verify(
                 tasks[phase] = progress.add_task(_PHASES.get(phase, phase), total=total)
             progress.update(tasks[phase], completed=done, total=total)
 
-        auditor = Auditor(url, state_dir=state_dir, pin_key=pin_key, progress=tick)
+        auditor = Auditor(url, state_dir=state_dir, pin_key=pin_key, progress=tick, **limits)
         try:
             report = await auditor.run()
         except BaseException:
@@ -1136,6 +1147,10 @@ def _write_evidence(file: Path | None, found: Evidence | None) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="When the host is caught, write self-contained evidence to this file.",
 )
+@_limit_options(
+    "a replayed call may run (raise it for a host with a higher limit or a faster machine)",
+    "a replayed call may use (raise it for a host with a higher limit)",
+)
 def verify(
     url: str,
     state_dir: Path | None,
@@ -1144,6 +1159,8 @@ def verify(
     follow: bool,
     max_outage: float,
     evidence_file: Path | None,
+    call_timeout: float,
+    memory_limit: int,
 ) -> None:
     """Audit the VM at URL: fetch both ledgers, verify them, replay every call, compare.
 
@@ -1154,11 +1171,14 @@ def verify(
     (0.5 s, doubling up to 30 s between attempts, each shown on stderr) and
     exits 2 only once the outage has lasted --max-outage seconds. When the
     server is back, following goes on with every check, from the last
-    checkpoint verified.
+    checkpoint verified. A call whose replay runs past --call-timeout or
+    --memory-limit, which the host's run did not, cannot be decided: exit 2.
     """
+    limits = {"call_timeout": call_timeout, "memory_limit": memory_limit}
     try:
         report = _run(
-            _verify(url, state_dir, pin_key, follow, as_json, max_outage), error=CouldNotAudit
+            _verify(url, state_dir, pin_key, follow, as_json, max_outage, limits),
+            error=CouldNotAudit,
         )
     except KeyboardInterrupt:
         sys.exit(0)
@@ -1177,17 +1197,25 @@ def evidence() -> None:
 
 @evidence.command("check")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-def evidence_check(file: Path) -> None:
+@_limit_options(
+    "the replayed call may run (replay evidence)", "the replayed call may use (replay evidence)"
+)
+def evidence_check(file: Path, call_timeout: float, memory_limit: int) -> None:
     """Verify an evidence FILE offline and print what it proves.
 
     Exits 0 when it proves the host misbehaved, 1 when it proves nothing, and
-    2 when the file itself is unreadable or does not verify.
+    2 when the file itself is unreadable or does not verify. Replay evidence
+    whose replay runs past --call-timeout or --memory-limit proves nothing.
     """
     from .evidence import Evidence
     from .evidence import check as check_evidence
 
     async def run() -> Finding:
-        return await check_evidence(Evidence.from_json(file.read_bytes()))
+        return await check_evidence(
+            Evidence.from_json(file.read_bytes()),
+            call_timeout=call_timeout,
+            memory_limit=memory_limit,
+        )
 
     finding = _run(run(), error=CouldNotAudit)
     click.echo(("PROVEN: " if finding.proven else "not proven: ") + finding.statement)

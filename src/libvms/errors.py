@@ -55,6 +55,17 @@ class VerificationError(LibVMSError):
         self.found = found
 
 
+class ReplayLimitError(LibVMSError):
+    """A replay ran past its own time or memory limit on entry ``index``, which the
+    host's run did not. That proves nothing about the host (its limits and its
+    machine may differ): the replay cannot decide that entry. Replay again with
+    higher limits."""
+
+    def __init__(self, message: str, *, index: int) -> None:
+        super().__init__(message)
+        self.index = index
+
+
 class ArchiveError(LibVMSError):
     """A files-archive operation was refused. ``name`` is the JS-facing error name."""
 

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from . import encoding, merkle
 from .checkpoint import Checkpoint, open_checkpoint
-from .errors import LibVMSError, TamperError, VerificationError
+from .errors import LibVMSError, ReplayLimitError, TamperError, VerificationError
 from .keys import VerifierKey, parse_ledger_url
 
 FORMAT = "libvms-evidence/v1"
@@ -163,16 +163,20 @@ def _open_all(notes: tuple[str, ...]) -> list[Checkpoint]:
     return checkpoints
 
 
-async def check(evidence: Evidence) -> Finding:
+async def check(
+    evidence: Evidence, *, call_timeout: float = 5.0, memory_limit: int = 64 * 2**20
+) -> Finding:
     """Verify ``evidence`` offline and say what it proves.
 
     Raises :class:`TamperError` when the evidence itself does not verify
     (bad signatures, checkpoints of different logs, a proof that does not
     lead to the signed root): such a file proves nothing about the host.
+    ``call_timeout`` and ``memory_limit`` bound the replay that checks replay
+    evidence; a replay that runs past them proves nothing.
     """
     if evidence.kind == "fork":
         return _check_fork(evidence)
-    return await _check_replay(evidence)
+    return await _check_replay(evidence, call_timeout, memory_limit)
 
 
 def _check_fork(evidence: Evidence) -> Finding:
@@ -190,6 +194,15 @@ def _check_fork(evidence: Evidence) -> Finding:
                 f"{a.root_hash.hex()[:16]}... and {b.root_hash.hex()[:16]}...",
             )
         return Finding(False, f"both checkpoints agree (size {a.size}); no fork shown")
+    if a.size == 0:
+        # The empty prefix of any tree is the empty tree: no proof binds prefix_root
+        # here, so it proves nothing; only a size-0 root that is not empty does.
+        if a.root_hash != merkle.EMPTY_ROOT:
+            return Finding(
+                True,
+                f"log {origin} signed a checkpoint of size 0 whose root is not the empty tree's",
+            )
+        return Finding(False, "a checkpoint of size 0 is a prefix of any log; no fork")
     if evidence.prefix_root is None:
         raise TamperError("fork evidence between different sizes needs a consistency proof")
     # RFC 9162 §2.1.4.2: the proof binds prefix_root to the larger signed root, so
@@ -204,7 +217,7 @@ def _check_fork(evidence: Evidence) -> Finding:
     return Finding(False, f"the checkpoints are consistent ({a.size} -> {b.size}); no fork")
 
 
-async def _check_replay(evidence: Evidence) -> Finding:
+async def _check_replay(evidence: Evidence, call_timeout: float, memory_limit: int) -> Finding:
     from .log import CallLog
     from .vm import BackendVM
 
@@ -222,8 +235,14 @@ async def _check_replay(evidence: Evidence) -> Finding:
     init = encoding.parse(evidence.entries[0])
     try:
         replay = await BackendVM.from_call_log(
-            copy, {"files_archive_url": init.get("filesArchiveUrl")}, check=True
+            copy,
+            {"files_archive_url": init.get("filesArchiveUrl")},
+            check=True,
+            call_timeout=call_timeout,
+            memory_limit=memory_limit,
         )
+    except ReplayLimitError as exc:
+        return Finding(False, f"this check cannot decide it: {exc}")
     except VerificationError as exc:
         if exc.index == evidence.index:
             return Finding(

@@ -86,17 +86,28 @@ class Verifier:
         progress: Progress | None = None,
         max_outage: float | None = DEFAULT_MAX_OUTAGE,
         on_outage: Callable[[Outage], None] | None = None,
+        call_timeout: float = 5.0,
+        memory_limit: int = 64 * 2**20,
     ) -> AuditReport:
         """Audit the VM served at ``url`` (``ws://...``): fetch, verify, replay, compare.
 
         Raises :class:`~libvms.errors.ConnectError` when the VM cannot be reached
-        or is not a libvms server; every finding about the VM itself is in the
-        report. With ``follow``, keeps monitoring new batches until a problem
-        appears (``on_batch`` is told of each verified one), riding out outages
-        of the server of up to ``max_outage`` seconds (``None`` or 0: none; see
-        :meth:`Auditor.follow`).
+        or is not a libvms server, and :class:`~libvms.errors.ReplayLimitError`
+        when a call's replay runs past ``call_timeout`` or ``memory_limit``
+        (which proves nothing about the host: audit again with higher limits);
+        every finding about the VM itself is in the report. With ``follow``,
+        keeps monitoring new batches until a problem appears (``on_batch`` is
+        told of each verified one), riding out outages of the server of up to
+        ``max_outage`` seconds (``None`` or 0: none; see :meth:`Auditor.follow`).
         """
-        auditor = Auditor(url, state_dir=state_dir, pin_key=pin_key, progress=progress)
+        auditor = Auditor(
+            url,
+            state_dir=state_dir,
+            pin_key=pin_key,
+            progress=progress,
+            call_timeout=call_timeout,
+            memory_limit=memory_limit,
+        )
         try:
             report = await auditor.run()
             if follow and report.ok:
@@ -349,12 +360,14 @@ class Auditor:
         pin_key: str | None = None,
         progress: Progress | None = None,
         call_timeout: float = 5.0,
+        memory_limit: int = 64 * 2**20,
     ) -> None:
         self.url = url
         self.state = _AuditState(Path(state_dir) if state_dir else default_state_dir())
         self.pin_key = pin_key
         self.progress = progress
         self.call_timeout = call_timeout
+        self.memory_limit = memory_limit
         self.info: BackendInfo | None = None
         self.log: CallLog | None = None
         self.archive: FilesArchive | None = None
@@ -573,6 +586,7 @@ class Auditor:
                 progress=progress,
                 stats=self._stats,
                 call_timeout=self.call_timeout,
+                memory_limit=self.memory_limit,
             )
         except VerificationError as exc:
             self._replay_problem(exc)

@@ -33,6 +33,7 @@ from .errors import (
     LibVMSError,
     LimitExceeded,
     QueueFullError,
+    ReplayLimitError,
     ScriptError,
     TamperError,
     VerificationError,
@@ -244,11 +245,15 @@ class _Host:
         archive: FilesArchive,
         mtime_ms: int,
         oracles: _Oracles,
+        identity: tuple[str, str] | None = None,
     ) -> None:
         self._archive = archive
         self._mtime = mtime_ms
         self._opened: ArchiveTransaction | None = None
         self._oracles = oracles
+        # The files archive's URL and title as the script sees them (getInfo): a
+        # replay's own archive has another key and maybe title, so it passes the VM's.
+        self._identity = identity
 
     @property
     def _tx(self) -> ArchiveTransaction:
@@ -296,7 +301,10 @@ class _Host:
         tx = self._tx
         path = args[0] if args else "/"
         if op == "files.getInfo":
-            return tx.info()
+            info = tx.info()
+            if self._identity is not None:
+                info["url"], info["title"] = self._identity
+            return info
         if op == "files.stat":
             return tx.stat_now(path).to_dict()
         if op == "files.readFile":
@@ -462,7 +470,15 @@ class BackendVM:
             store.close()
             raise
         self._attach(store, archive, log, runtime)
-        log.stage(init_entry(self.code, archive.url, runtime=runtime_info(), timestamp=timestamp))
+        log.stage(
+            init_entry(
+                self.code,
+                archive.url,
+                filesArchiveTitle=title,
+                runtime=runtime_info(),
+                timestamp=timestamp,
+            )
+        )
         self._last_timestamp = timestamp
         try:
             if _runs_init(runtime):
@@ -696,6 +712,7 @@ class BackendVM:
         total = source.length
         init_leaf = source.ledger.tree.leaf(0)
         runs_init = _runs_init(runtime)
+        identity = _archive_identity(source.ledger.get(0), archive.title)
         if runs_init and total == 1:
             raise VerificationError(
                 "the script exports init, but the log holds no init call (entry 1): "
@@ -710,7 +727,7 @@ class BackendVM:
                 seq = base + offset
                 entry = encoding.parse_verified(raw)
                 produced = await self._replay_entry(
-                    runtime, archive, entry, seq, init_leaf, runs_init
+                    runtime, archive, entry, seq, init_leaf, runs_init, identity
                 )
                 self._last_timestamp = max(self._last_timestamp, int(entry["call"]["timestamp"]))
                 yield seq, entry, raw, produced
@@ -723,10 +740,12 @@ class BackendVM:
         seq: int,
         init_leaf: bytes,
         runs_init: bool,
+        identity: tuple[str, str],
     ) -> dict[str, Any]:
         """Re-execute logged call ``seq`` on ``archive``; returns the entry it produces.
 
         ``runs_init``: the script exports ``init``, so entry 1 must be its call.
+        ``identity``: the VM's files archive URL and title, for ``getInfo``.
         """
         try:
             if not isinstance(entry, dict) or entry.get("type") != "call":
@@ -751,7 +770,7 @@ class BackendVM:
                 call, archive, err=result.get("err"), aborted=True, oracles=recorded or None
             )
         oracles = _RecordedOracles(recorded, seq)
-        host = _Host(archive, timestamp, oracles)
+        host = _Host(archive, timestamp, oracles, identity)
         try:
             outcome = await runtime.call(
                 method,
@@ -762,12 +781,11 @@ class BackendVM:
                 host=host,
             )
         except LimitExceeded as exc:
-            raise VerificationError(
-                f"entry {seq}: the replay was aborted ({exc}) but the original call was not",
+            raise ReplayLimitError(
+                f"entry {seq}: the replay ran past its own limits ({exc}), which the host's "
+                "run did not; that says nothing about the host: replay with a higher "
+                "call_timeout or memory_limit",
                 index=seq,
-                field="result.aborted",
-                expected=False,
-                found=True,
             ) from None
         except VMCallError as exc:
             raise VerificationError(
@@ -838,7 +856,10 @@ class BackendVM:
                 lock.release()
             raise
         try:
-            archive = await FilesArchive.create(dir, "replay", store=store)
+            title = init.get("filesArchiveTitle")
+            archive = await FilesArchive.create(
+                dir, title if isinstance(title, str) else "replay", store=store
+            )
             log = CallLog._new(dir, store=store)
         except BaseException:
             runtime.close()
@@ -966,6 +987,14 @@ def _check_init_rule(seq: int, call: dict[str, Any], runs_init: bool) -> None:
             field="call.methodName",
             found=method,
         )
+
+
+def _archive_identity(init: Any, fallback_title: str) -> tuple[str, str]:
+    """The files archive's URL and title that ``getInfo`` shows, from the init entry
+    (which logs the title since it was added; ``fallback_title`` for older logs)."""
+    title = init.get("filesArchiveTitle") if isinstance(init, dict) else None
+    url = init.get("filesArchiveUrl") if isinstance(init, dict) else None
+    return str(url), title if isinstance(title, str) else fallback_title
 
 
 def _runs_init(runtime: JSRuntime) -> bool:

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from libvms.keys import Keypair
-from libvms.rpc import RPCClient
+from libvms.rpc import RPCClient, RPCServer
+from libvms.vm import BackendVM
 
 from ..tamper.dishonest import DishonestHost
 
@@ -111,3 +112,28 @@ async def test_receipt_check(host, tmp_path):
     assert code == 1 and out.startswith("FAILED: ")
     code, out, _ = await libvms("evidence", "check", evidence)
     assert code == 0 and out.startswith("PROVEN: ")
+
+
+async def test_verify_of_a_host_with_higher_limits_is_undecided_until_raised(tmp_path):
+    # The host runs with 256 MiB; a replay at the auditor's default 64 MiB runs out
+    # of memory, which says nothing about the host: exit 2, no verdict, no evidence.
+    vm = BackendVM(
+        "exports.big = (mib) => 'x'.repeat(mib * 1024 * 1024).length\n", memory_limit=256 * 2**20
+    )
+    await vm.deploy(tmp_path / "vm")
+    async with RPCServer(vm, port=0) as server:
+        async with RPCClient(server.url(), user="alice") as client:
+            assert await client.big(96) == 96 * 2**20
+        state, evidence = tmp_path / "state", tmp_path / "evidence.json"
+        code, out, err = await libvms(
+            "verify", server.url(), "--state-dir", state, "--evidence", evidence
+        )
+        assert (code, out) == (2, "")
+        assert err.startswith("error: entry 1: the replay ran past its own limits")
+        assert "MemoryLimitExceeded" in err and not evidence.exists()
+        code, out, err = await libvms(
+            "verify", server.url(), "--state-dir", state, "--memory-limit", "256M"
+        )
+        assert code == 0, err
+        assert out.startswith("Verified 1 calls")
+    await vm.close()

@@ -309,6 +309,43 @@ async def test_init_runs_first_and_only_first_in_every_replay():
     await vm.close()
 
 
+async def test_get_info_shows_the_same_archive_live_and_in_every_replay(tmp_path):
+    # A replay's own archive has another key (and once had another title): the
+    # script must still see the VM's.
+    code = "exports.info = () => System.files.getInfo()\n"
+    vm = BackendVM(code)
+    await vm.deploy(dir=tmp_path, title="My title")
+    info = await vm.execute_call("info")
+    assert (info["url"], info["title"]) == (vm.files_archive.url, "My title")
+    replay = await BackendVM.from_call_log(
+        vm.call_log, {"files_archive_url": vm.files_archive.url}, check=True
+    )
+    assert replay.files_archive.title == "My title"
+    await replay.close()
+    await vm.close()
+    again = BackendVM(code)
+    await again.deploy(dir=tmp_path)  # its own rebuild replays it too
+    assert (await again.execute_call("info"))["title"] == "My title"
+    await again.close()
+
+
+async def test_a_replay_past_its_own_limits_is_undecided_not_a_mismatch():
+    from libvms.errors import ReplayLimitError
+
+    code = "exports.big = (mib) => 'x'.repeat(mib * 1024 * 1024).length\n"
+    vm = await deployed(code=code, memory_limit=256 * 2**20)
+    await vm.execute_call("big", [96])
+    assertions = {"files_archive_url": vm.files_archive.url}
+    with pytest.raises(ReplayLimitError, match="MemoryLimitExceeded") as raised:
+        await BackendVM.from_call_log(vm.call_log, assertions, check=True)
+    assert raised.value.index == 1 and not isinstance(raised.value, VerificationError)
+    replay = await BackendVM.from_call_log(
+        vm.call_log, assertions, check=True, memory_limit=256 * 2**20
+    )
+    await replay.close()
+    await vm.close()
+
+
 async def test_reopen_refuses_a_different_script(tmp_path):
     vm = await deployed(tmp_path)
     await vm.close()
