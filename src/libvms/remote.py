@@ -190,8 +190,22 @@ async def _extend(source: _Source, ledger: Ledger) -> tuple[list[bytes], str] | 
 
 
 def _current_blobs(tree: _Tree) -> dict[str, int]:
-    """Hash -> size of every file of an archive's tree."""
-    return {s.hash: s.size for s in tree.all_nodes().values() if s.hash is not None}
+    """Hash -> size of every file of an archive's tree (replayed from verified entries)."""
+    wanted: dict[str, int] = {}
+    for stat in tree.all_nodes().values():
+        if stat.hash is not None:
+            _want(wanted, stat.hash, stat.size)
+    return wanted
+
+
+def _want(wanted: dict[str, int], content_hash: str, size: int) -> None:
+    """Add a blob to ``wanted``; one content has one size, or the entries lie."""
+    if wanted.setdefault(content_hash, size) != size:
+        raise TamperError(
+            f"archive entries give blob {content_hash} two sizes, "
+            f"{wanted[content_hash]} and {size}",
+            where=content_hash,
+        )
 
 
 def _written_blobs(entries: Iterable[bytes]) -> dict[str, int]:
@@ -201,13 +215,7 @@ def _written_blobs(entries: Iterable[bytes]) -> dict[str, int]:
         entry = encoding.parse_verified(data)
         if not isinstance(entry, dict) or entry.get("type") != "write":
             continue
-        content_hash, size = entry["hash"], entry["size"]
-        if wanted.setdefault(content_hash, size) != size:
-            raise TamperError(
-                f"archive entries give blob {content_hash} two sizes, "
-                f"{wanted[content_hash]} and {size}",
-                where=content_hash,
-            )
+        _want(wanted, entry["hash"], entry["size"])
     return wanted
 
 
@@ -221,11 +229,17 @@ async def _fetch_blobs(
     staged unless every blob verifies.
     """
     store = archive.ledger.store
-    missing = [
-        (h, size)
-        for h, size in sorted(wanted.items())
-        if not store.query("SELECT 1 FROM blobs WHERE hash = ?", (bytes.fromhex(h),))
-    ]
+    missing = []
+    for h, size in sorted(wanted.items()):
+        held = store.query("SELECT length(data) FROM blobs WHERE hash = ?", (bytes.fromhex(h),))
+        if not held:
+            missing.append((h, size))
+        elif held[0][0] != size:
+            # Verified against its hash when fetched: these entries give it another size.
+            raise TamperError(
+                f"archive entries give blob {h} the size {size}, but it holds {held[0][0]} bytes",
+                where=h,
+            )
     slots = asyncio.Semaphore(BLOB_CONCURRENCY)
 
     async def one(content_hash: str, size: int) -> tuple[bytes, bytes]:

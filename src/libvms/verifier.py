@@ -32,7 +32,7 @@ from .remote import fetch_call_log, fetch_files_archive, http_timeout, refresh
 from .rpc import protocol
 from .rpc.protocol import BackendInfo
 from .signed import DEFAULT_WINDOW_MS, CallReceipt, verify_call_entry
-from .vm import BackendVM, ReplayStats, compare_entry
+from .vm import BackendVM, ReplayStats, compare_entry, differences
 
 if TYPE_CHECKING:
     import aiohttp
@@ -58,14 +58,10 @@ class Verifier:
         both values (``expected`` from ``a``, ``found`` from ``b``).
         """
         common = min(a.length, b.length)
-        step = 1000
-        for start in range(0, common, step):
-            end = min(common, start + step)
-            left = a.ledger.raw_range(start, end)
-            right = b.ledger.raw_range(start, end)
-            for offset, (x, y) in enumerate(zip(left, right, strict=True)):
-                if x != y:
-                    compare_entry(start + offset, x, encoding.parse(y))
+        differing = _first_difference(a.ledger, b.ledger, 0, common)
+        if differing is not None:
+            seq, x, y = differing
+            compare_entry(seq, x, encoding.parse(y))
         if a.length != b.length:
             raise VerificationError(
                 f"the logs differ in length: {a.length} vs {b.length} entries",
@@ -152,6 +148,44 @@ class Verifier:
                 expected=a.version,
                 found=b.version,
             )
+        _compare_history(a.ledger, b.ledger)
+
+
+def _compare_history(a: Ledger, b: Ledger) -> None:
+    """Raise unless two archive ledgers of one length hold the same mutations.
+
+    The same files at the same version can still hide another history: other
+    mtimes, another order, a version whose content no call wrote. Entry 0, the
+    genesis, holds only the title, which a replay may not know (older logs).
+    """
+    differing = _first_difference(a, b, 1, a.length)
+    if differing is None:
+        return
+    seq, x, y = differing
+    expected, found = encoding.parse(x), encoding.parse(y)
+    where, one, other = next(differences(expected, found), ("entry", expected, found))
+    raise VerificationError(
+        f"archives hold the same files at the same version, but their histories differ at "
+        f"entry {seq} ({where}): {one!r} vs {other!r}",
+        index=seq,
+        field=f"history.{where}",
+        expected=expected,
+        found=found,
+    )
+
+
+def _first_difference(
+    a: Ledger, b: Ledger, start: int, end: int
+) -> tuple[int, bytes, bytes] | None:
+    """The first index in ``start..end-1`` where two ledgers' entries differ, with
+    both entries' bytes; read a thousand at a time."""
+    for base in range(start, end, 1000):
+        stop = min(end, base + 1000)
+        pairs = zip(a.raw_range(base, stop), b.raw_range(base, stop), strict=True)
+        for seq, (x, y) in enumerate(pairs, base):
+            if x != y:
+                return seq, x, y
+    return None
 
 
 def _describe(stat: Any) -> str:
@@ -636,6 +670,7 @@ class Auditor:
                 Problem(
                     "archive-mismatch",
                     _archive_message(exc),
+                    index=exc.index,
                     path=exc.path,
                     field=exc.field,
                     expected=exc.found,

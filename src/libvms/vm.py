@@ -319,8 +319,14 @@ class _Host:
         if op == "files.unlink":
             return tx.unlink(path)
         if op == "files.rmdir":
+            # As Node's fs: options are an object, and recursive a boolean; anything
+            # else is refused rather than read as "delete everything below".
             opts = args[1] if len(args) > 1 else None
-            recursive = bool(opts.get("recursive")) if isinstance(opts, dict) else bool(opts)
+            if opts is not None and not isinstance(opts, dict):
+                raise TypeError("options must be an object, such as {recursive: true}")
+            recursive = False if opts is None else opts.get("recursive", False)
+            if type(recursive) is not bool:
+                raise TypeError("options.recursive must be true or false")
             return tx.rmdir(path, recursive=recursive)
         if op == "files.history":
             return tx.history()

@@ -209,3 +209,64 @@ async def test_a_copy_made_before_fetches_were_recorded(served, tmp_path):
     assert reopened.fetch_mode == "history"
     assert await (await reopened.checkout(2)).read_file("/a") == "a one"
     await reopened.close()
+
+
+SAME = """
+exports.write = async (path, text) => { await System.files.writeFile(path, text); return path }
+"""
+
+
+async def _served_by(tmp_path, calls):
+    from ..tamper.dishonest import DishonestHost
+
+    host = DishonestHost(tmp_path / "vm", SAME)
+    await host.start()
+    async with RPCClient(host.url(), user="alice") as client:
+        for args in calls:
+            await client.write(*args)
+        url = client.backend_info.files_archive_url
+    return host, url
+
+
+def _claim_size(path, size):
+    """An edit of the archive ledger: the write of ``path`` claims another size."""
+
+    def edit(entries):
+        for entry in entries:
+            if entry.get("path") == path:
+                entry["size"] = size
+        return entries
+
+    return edit
+
+
+@pytest.mark.parametrize("history", [False, True])
+async def test_a_size_the_content_does_not_have_is_tamper(tmp_path, history):
+    # Two files with one content: the blob is fetched once, and each file's size
+    # must still be its length.
+    host, url = await _served_by(tmp_path, [("/c", "same"), ("/b", "same")])
+    try:
+        await host.rewrite(_claim_size("/c", 999_999), ledger="files_archive")
+        with pytest.raises(TamperError, match="two sizes"):
+            await fetch_files_archive(url, history=history)
+    finally:
+        await host.close()
+
+
+async def test_refresh_checks_a_new_size_against_a_blob_already_held(tmp_path):
+    host, url = await _served_by(tmp_path, [("/b", "same")])
+    try:
+        for history in (False, True):
+            copy = await fetch_files_archive(url, history=history)
+
+            def append_lie(entries):
+                lie = dict(entries[-1], path="/c", size=123_456, mtime=entries[-1]["mtime"] + 1)
+                return [*entries, lie]
+
+            await host.rewrite(append_lie, ledger="files_archive")
+            with pytest.raises(TamperError, match=r"two sizes|holds 4 bytes"):
+                await refresh(copy)
+            await copy.close()
+            await host.rewrite(lambda entries: entries[:-1], ledger="files_archive")
+    finally:
+        await host.close()

@@ -175,6 +175,24 @@ async def test_archive_write_dropped_from_its_ledger_is_an_archive_mismatch(host
     assert problem.found == "absent"
 
 
+async def test_archive_history_rewritten_to_the_same_files_is_an_archive_mismatch(host, tmp_path):
+    # Same files at the same version, another history: two writes swap places
+    # and one gets another mtime. The state root leaves both out.
+    await debug_calls(host, ("note", "/a", "honest-1"), ("note", "/b", "b"))
+    await debug_calls(host, ("note", "/a", "honest-2"))
+
+    def rewrite(entries):
+        entries[1]["mtime"] = 0
+        entries[1], entries[2] = entries[2], entries[1]
+        return entries
+
+    await host.rewrite(rewrite, ledger="files_archive")
+    problem = only_problem(await audit(host, tmp_path))
+    assert problem.kind == "archive-mismatch"
+    assert problem.index == 1 and problem.field == "history.hash"
+    assert (problem.expected["path"], problem.found["path"]) == ("/a", "/b")
+
+
 # -- 3. calls dropped, reordered, inserted ----------------------------------------
 
 

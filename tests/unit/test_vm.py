@@ -346,6 +346,28 @@ async def test_a_replay_past_its_own_limits_is_undecided_not_a_mismatch():
     await vm.close()
 
 
+async def test_rmdir_deletes_recursively_only_when_told_so_plainly():
+    code = """
+    exports.setup = async () => {
+      await System.files.mkdir('/d')
+      await System.files.writeFile('/d/f', 'x')
+    }
+    exports.rmdir = async (opts) => {
+      try { await System.files.rmdir('/d', opts) } catch (e) { return e.name }
+      return (await System.files.readdir('/')).length
+    }
+    """
+    vm = await deployed(code=code)
+    await vm.execute_call("setup")
+    for opts in ("no", [1], {"recursive": "false"}, {"recursive": 1}, True):
+        assert await vm.execute_call("rmdir", [opts]) == "TypeError", opts
+    assert await vm.execute_call("rmdir", [{"recursive": False}]) == "DirectoryNotEmptyError"
+    assert await vm.execute_call("rmdir", [None]) == "DirectoryNotEmptyError"
+    assert await vm.execute_call("rmdir", [{"recursive": True}]) == 0
+    await _replays(vm)
+    await vm.close()
+
+
 async def test_reopen_refuses_a_different_script(tmp_path):
     vm = await deployed(tmp_path)
     await vm.close()
