@@ -540,6 +540,11 @@ class Store:
         self._check()
         self._pending.append((sql, list(rows), True))
 
+    def discard_staged(self) -> None:
+        """Drop every write staged since the last commit started: none of it is committed
+        (and, with nothing staged, the next flush signs nothing either)."""
+        self._pending = []
+
     def add_commit_hook(self, before: Hook, after: Callable[[], None]) -> None:
         """Register a pair of callbacks run on the event loop around each commit.
 

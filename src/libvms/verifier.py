@@ -665,6 +665,18 @@ class Auditor:
         fetched: Any = self.archive
         try:
             await Verifier.compare_archives(fetched, replayed)
+            # The genesis (not compared above) holds the title, which logs since the
+            # init entry's filesArchiveTitle name, and scripts see through getInfo.
+            title = self.log.ledger.get(0).get("filesArchiveTitle")
+            if isinstance(title, str) and title != fetched.title:
+                raise VerificationError(
+                    f"the archive's title is {fetched.title!r}, the call log's init "
+                    f"entry names {title!r}",
+                    index=0,
+                    field="history.title",
+                    expected=fetched.title,
+                    found=title,
+                )
         except VerificationError as exc:
             self.report.problems.append(
                 Problem(

@@ -50,7 +50,7 @@ from .runtime.js import (
     HostError,
     JSRuntime,
 )
-from .store import DirectoryLock, Store
+from .store import DB_FILENAME, DirectoryLock, Store
 
 logger = logging.getLogger("libvms.vm")
 
@@ -76,6 +76,10 @@ MAX_ERROR_NAME_CHARS = 256
 MAX_ERROR_MESSAGE_CHARS = 65_536
 
 _SEED_DOMAIN = b"libvms/random/v2\x00"
+
+#: Present in a directory while its first deploy has not committed: key files found
+#: with it and a database holding nothing are that deploy's, safe to discard.
+DEPLOYING_FILENAME = "libvms.deploying"
 
 OracleFn = Callable[..., Any]
 
@@ -381,6 +385,9 @@ class BackendVM:
         self._closed = False
         self._deployed = False
         self._dir_lock: DirectoryLock | None = None
+        #: The files archive's URL (as the init entry names it) and title: what
+        #: ``getInfo`` shows, live and in replay, wherever the archive is served.
+        self._identity: tuple[str, str] | None = None
         self._logger = logger
 
     # -- configuration ---------------------------------------------------------
@@ -460,6 +467,17 @@ class BackendVM:
         self, dir: str | Path | None, title: str, lock: DirectoryLock | None
     ) -> VMCallError | None:
         """Deploy afresh in one commit; returns the error ``init`` ended with, if any."""
+        marker = None
+        if dir is not None:
+            directory = Path(dir)
+            if _key_files(directory):
+                raise LibVMSError(
+                    f"{directory} holds key files but no database: restore the VM's "
+                    f"{DB_FILENAME}, or remove the key files to deploy a new VM there"
+                )
+            directory.mkdir(parents=True, exist_ok=True)
+            marker = directory / DEPLOYING_FILENAME
+            marker.touch()
         timestamp = _now_ms()
         runtime = self._new_runtime()
         try:
@@ -476,6 +494,7 @@ class BackendVM:
             store.close()
             raise
         self._attach(store, archive, log, runtime)
+        self._identity = (archive.url, title)
         log.stage(
             init_entry(
                 self.code,
@@ -490,14 +509,20 @@ class BackendVM:
             if _runs_init(runtime):
                 # Its entry joins the same commit as everything staged above.
                 result = await self.submit("init", [])
-                self._deployed = True
-                return result.error
-            await store.flush()
+                error = result.error
+            else:
+                await store.flush()
+                error = None
         except BaseException:
+            # Cancelled, interrupted or failed before the commit: nothing of the
+            # deploy may be committed now (a commit already under way completes).
+            store.discard_staged()
             await self.close()
             raise
         self._deployed = True
-        return None
+        if marker is not None:
+            marker.unlink(missing_ok=True)
+        return error
 
     def _attach(
         self, store: Store, archive: FilesArchive, log: CallLog, runtime: JSRuntime
@@ -539,7 +564,10 @@ class BackendVM:
                 await archive.close()
             raise
         self._set_exports(runtime)
+        self._identity = _archive_identity(await log.get(0), archive.title)
         self._deployed = True
+        # A deploy whose commit landed but that ended before it could say so.
+        (directory / DEPLOYING_FILENAME).unlink(missing_ok=True)
 
     async def _rebuild(self) -> JSRuntime:
         """A fresh runtime whose state is rebuilt by replaying the whole log.
@@ -678,7 +706,7 @@ class BackendVM:
         if call_fields:
             call.update(call_fields)
         oracles = _LiveOracles(self._oracles)
-        host = _Host(archive, timestamp, oracles)
+        host = _Host(archive, timestamp, oracles, self._identity)
         try:
             outcome = await runtime.call(
                 method,
@@ -876,6 +904,7 @@ class BackendVM:
         store._refs += 1
         vm._dir_lock = lock
         vm._attach(store, archive, log, runtime)
+        vm._identity = _archive_identity(init, archive.title)
         try:
             log.stage(init)
             await vm.replay_more(call_log, check=check, progress=progress, stats=stats)
@@ -1009,14 +1038,28 @@ def _runs_init(runtime: JSRuntime) -> bool:
     return ("init", True) in runtime.export_names()
 
 
+def _key_files(directory: Path) -> list[Path]:
+    return [
+        p for p in (directory / LOG_KEY_FILENAME, directory / ARCHIVE_KEY_FILENAME) if p.exists()
+    ]
+
+
 def _discard_uncommitted(directory: Path) -> bool:
-    """Whether ``directory`` holds only what a deploy that crashed before its one
-    commit left: a database with nothing committed, and key files that never signed
-    anything, which are removed. Called with the directory locked."""
+    """Whether ``directory``'s database holds nothing committed, so a deploy starts
+    afresh there. Key files found with it are discarded only when they are an
+    interrupted deploy's (its marker is there): they never signed anything. Other
+    key files mean a database lost or replaced, and are an error, not ours to
+    delete. Called with the directory locked."""
     if not Store.holds_nothing(directory):
         return False
-    for name in (LOG_KEY_FILENAME, ARCHIVE_KEY_FILENAME):
-        (directory / name).unlink(missing_ok=True)
+    keys = _key_files(directory)
+    if keys and not (directory / DEPLOYING_FILENAME).exists():
+        raise LibVMSError(
+            f"{directory} holds key files, but its {DB_FILENAME} holds nothing: restore "
+            "the VM's database, or remove the key files to deploy a new VM there"
+        )
+    for key in keys:
+        key.unlink()
     return True
 
 

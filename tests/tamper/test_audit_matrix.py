@@ -497,3 +497,17 @@ async def test_init_run_again_is_a_replay_mismatch(tmp_path):
         assert "runs once" in problem.message
     finally:
         await host.close()
+
+
+async def test_archive_title_other_than_the_logged_one_is_an_archive_mismatch(host, tmp_path):
+    # Scripts see the title the init entry logs (getInfo); the archive must carry it.
+    await debug_calls(host, ("note", "/a", "x"))
+
+    def retitle(entries):
+        entries[0]["title"] = "another title"
+        return entries
+
+    await host.rewrite(retitle, ledger="files_archive")
+    problem = only_problem(await audit(host, tmp_path))
+    assert problem.kind == "archive-mismatch"
+    assert (problem.index, problem.field) == (0, "history.title")

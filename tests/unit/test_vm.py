@@ -217,19 +217,71 @@ async def test_one_vm_at_a_time_holds_a_directory(tmp_path):
 
 
 async def test_a_database_with_nothing_committed_is_deployed_afresh(tmp_path):
-    # What a deploy killed before its one commit leaves: the tables, the key files.
+    # What a deploy killed before its one commit leaves: the tables, the key files
+    # and the marker saying they are that deploy's.
     from libvms.store import Store
+    from libvms.vm import DEPLOYING_FILENAME
 
     store = Store.open(tmp_path)
     CallLog._new(tmp_path, store=store)
     store.close()
+    (tmp_path / DEPLOYING_FILENAME).touch()
     assert Store.holds_nothing(tmp_path) and (tmp_path / "call-log.key").exists()
     vm = await deployed(tmp_path)
     assert await vm.execute_call("add", [1, 2]) == 3
     await vm.close()
     assert not Store.holds_nothing(tmp_path)
+    assert not (tmp_path / DEPLOYING_FILENAME).exists()
     again = await deployed(tmp_path)
     assert again.call_log.length == 2
+    await again.close()
+
+
+async def test_key_files_without_their_database_are_never_replaced(tmp_path):
+    # A database lost or moved aside (a backup being restored): the keys are the
+    # VM's, and a deploy must not make a new VM under new keys in their place.
+    from libvms.store import Store
+
+    vm = await deployed(tmp_path)
+    await vm.close()
+    keys = {p.name: p.read_bytes() for p in tmp_path.glob("*.key")}
+    for name in ("libvms.db", "libvms.db-wal", "libvms.db-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    with pytest.raises(LibVMSError, match="holds key files but no database"):
+        await BackendVM(SCRIPT).deploy(dir=tmp_path)
+    assert not Store.exists(tmp_path)  # refused before making one
+    Store.open(tmp_path).close()  # an empty database, made by anything else
+    with pytest.raises(LibVMSError, match=r"holds key files, but its libvms\.db holds nothing"):
+        await BackendVM(SCRIPT).deploy(dir=tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.key")} == keys
+
+
+async def test_a_deploy_cancelled_while_init_runs_commits_nothing(tmp_path):
+    code = """
+    exports.init = async () => { await System.oracles.slow() }
+    exports.ping = () => 'pong'
+    """
+    started = asyncio.Event()
+
+    async def slow():
+        started.set()
+        await asyncio.Event().wait()
+
+    vm = BackendVM(code)
+    vm.add_oracle("slow", slow)
+    deploy = asyncio.ensure_future(vm.deploy(dir=tmp_path))
+    await started.wait()
+    deploy.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await deploy
+    from libvms.store import Store
+
+    assert Store.holds_nothing(tmp_path)  # neither the genesis nor the init entry
+    again = BackendVM(code)
+    again.add_oracle("slow", lambda: None)
+    await again.deploy(dir=tmp_path)  # afresh: init runs, as entry 1
+    assert await again.execute_call("ping") == "pong"
+    assert [e["call"]["methodName"] for e in await again.call_log.list(1)] == ["init", "ping"]
     await again.close()
 
 
@@ -315,8 +367,11 @@ async def test_get_info_shows_the_same_archive_live_and_in_every_replay(tmp_path
     code = "exports.info = () => System.files.getInfo()\n"
     vm = BackendVM(code)
     await vm.deploy(dir=tmp_path, title="My title")
+    served_at = vm.files_archive.url
+    vm.files_archive.location = "http://127.0.0.1:5555/files"  # as RPCServer does
     info = await vm.execute_call("info")
-    assert (info["url"], info["title"]) == (vm.files_archive.url, "My title")
+    # The URL the init entry names, wherever (and whether) the archive is served.
+    assert (info["url"], info["title"]) == (served_at, "My title")
     replay = await BackendVM.from_call_log(
         vm.call_log, {"files_archive_url": vm.files_archive.url}, check=True
     )
