@@ -1108,6 +1108,13 @@ def _default_max_outage() -> float:
     return DEFAULT_MAX_OUTAGE
 
 
+def _default_signature_window() -> float:
+    """The default of ``libvms verify --signature-window``: the server's, in seconds."""
+    from .signed import DEFAULT_WINDOW_MS
+
+    return DEFAULT_WINDOW_MS / 1000
+
+
 def _write_evidence(file: Path | None, found: Evidence | None) -> None:
     if file is None or found is None:
         return
@@ -1151,6 +1158,16 @@ def _write_evidence(file: Path | None, found: Evidence | None) -> None:
     "a replayed call may run (raise it for a host with a higher limit or a faster machine)",
     "a replayed call may use (raise it for a host with a higher limit)",
 )
+@click.option(
+    "--signature-window",
+    cls=_DeferredDefault,
+    type=click.FloatRange(min=0, min_open=True),
+    default=_default_signature_window,
+    show_default=True,
+    metavar="SECONDS",
+    help="The host's signature window (a signed request may be logged up to twice it "
+    "after its time).",
+)
 def verify(
     url: str,
     state_dir: Path | None,
@@ -1161,6 +1178,7 @@ def verify(
     evidence_file: Path | None,
     call_timeout: float,
     memory_limit: int,
+    signature_window: float,
 ) -> None:
     """Audit the VM at URL: fetch both ledgers, verify them, replay every call, compare.
 
@@ -1174,7 +1192,11 @@ def verify(
     checkpoint verified. A call whose replay runs past --call-timeout or
     --memory-limit, which the host's run did not, cannot be decided: exit 2.
     """
-    limits = {"call_timeout": call_timeout, "memory_limit": memory_limit}
+    limits = {
+        "call_timeout": call_timeout,
+        "memory_limit": memory_limit,
+        "signature_window_ms": round(signature_window * 1000),
+    }
     try:
         report = _run(
             _verify(url, state_dir, pin_key, follow, as_json, max_outage, limits),

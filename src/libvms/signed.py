@@ -363,21 +363,17 @@ def check_nonces(entries: Iterable[Any], *, start: int = 0) -> None:
 
 @dataclass
 class NonceTracker:
-    """The host's memory of recent nonces, which refuses replayed and stale requests.
+    """The host's memory of recent nonces, which refuses replayed requests.
 
     A request is acceptable when its time is within ``window_ms`` of the host's
-    clock and its (user, nonce) pair has not been seen. Pairs are remembered for
-    ``2 * window_ms`` after their signed time, so a clock stepping back by up to
-    one window cannot make a forgotten pair acceptable again.
+    clock (the server checks that) and its (user, nonce) pair has not been seen.
+    Pairs are remembered for ``2 * window_ms`` after their signed time, so a clock
+    stepping back by up to one window cannot make a forgotten pair acceptable again.
     """
 
     window_ms: int = DEFAULT_WINDOW_MS
     _seen: set[tuple[str, str]] = field(default_factory=set, repr=False)
     _expiry: list[tuple[int, str, str]] = field(default_factory=list, repr=False)
-
-    def in_window(self, time_ms: int, now_ms: int) -> bool:
-        """True iff a request signed at ``time_ms`` may be accepted at ``now_ms``."""
-        return abs(now_ms - time_ms) <= self.window_ms
 
     def seen(self, user_id: str, nonce: str) -> bool:
         """True iff this (user, nonce) pair is remembered."""

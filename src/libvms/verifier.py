@@ -23,7 +23,7 @@ import platformdirs
 from . import encoding
 from .archive import FilesArchive
 from .checkpoint import open_checkpoint
-from .errors import ConnectError, TamperError, VerificationError
+from .errors import ConnectError, LibVMSError, TamperError, VerificationError
 from .evidence import Evidence, fork_evidence, key_of, replay_evidence
 from .keys import ledger_url
 from .ledger import Ledger
@@ -84,6 +84,7 @@ class Verifier:
         on_outage: Callable[[Outage], None] | None = None,
         call_timeout: float = 5.0,
         memory_limit: int = 64 * 2**20,
+        signature_window_ms: int = DEFAULT_WINDOW_MS,
     ) -> AuditReport:
         """Audit the VM served at ``url`` (``ws://...``): fetch, verify, replay, compare.
 
@@ -91,7 +92,8 @@ class Verifier:
         or is not a libvms server, and :class:`~libvms.errors.ReplayLimitError`
         when a call's replay runs past ``call_timeout`` or ``memory_limit``
         (which proves nothing about the host: audit again with higher limits);
-        every finding about the VM itself is in the report. With ``follow``,
+        every finding about the VM itself is in the report. ``signature_window_ms``
+        is the host's (``RPCServer(signature_window_ms=...)``). With ``follow``,
         keeps monitoring new batches until a problem appears (``on_batch`` is
         told of each verified one), riding out outages of the server of up to
         ``max_outage`` seconds (``None`` or 0: none; see :meth:`Auditor.follow`).
@@ -103,6 +105,7 @@ class Verifier:
             progress=progress,
             call_timeout=call_timeout,
             memory_limit=memory_limit,
+            signature_window_ms=signature_window_ms,
         )
         try:
             report = await auditor.run()
@@ -377,11 +380,6 @@ class _AuditState:
 
 Progress = Callable[[str, int, int], None]
 
-#: Largest gap accepted between a signed request's time and its entry's timestamp:
-#: the host's signature window plus as much again for the time a call waits in
-#: the queue.
-SIGNATURE_SKEW_MS = 2 * DEFAULT_WINDOW_MS
-
 
 class Auditor:
     """The audit workflow, readable top to bottom; kept alive by ``--follow``.
@@ -403,8 +401,12 @@ class Auditor:
         progress: Progress | None = None,
         call_timeout: float = 5.0,
         memory_limit: int = 64 * 2**20,
+        signature_window_ms: int = DEFAULT_WINDOW_MS,
     ) -> None:
         self.url = url
+        #: The host's signature window: a signed request's time may be up to twice
+        #: it from its entry's timestamp (the window, and as much again queued).
+        self.signature_window_ms = signature_window_ms
         self.state = _AuditState(Path(state_dir) if state_dir else default_state_dir())
         self.pin_key = pin_key
         self.progress = progress
@@ -567,11 +569,17 @@ class Auditor:
         ledger = self.log.ledger
         for seq, raw in enumerate(ledger.raw_range(start, ledger.length), start):
             entry = encoding.parse_verified(raw)
+            call = entry.get("call") if isinstance(entry, dict) else None
+            if isinstance(call, dict) and "signed" in call:
+                # The signed bytes re-encode the arguments, so they are read as the
+                # signer and the server read them: whole numbers past 2^53 as the
+                # doubles they are (the fast parse leaves them Python ints).
+                entry = encoding.parse(raw)
             try:
                 # A host accepts a signed request only within the signature window
                 # of its time; one logged later was held back or replayed.
                 signed = verify_call_entry(
-                    entry, ledger.public_key, index=seq, max_skew_ms=SIGNATURE_SKEW_MS
+                    entry, ledger.public_key, index=seq, max_skew_ms=2 * self.signature_window_ms
                 )
             except TamperError as exc:
                 self.report.problems.append(Problem("signature", str(exc), index=seq))
@@ -928,12 +936,17 @@ async def check_receipt(receipt: CallReceipt, url: str) -> ReceiptCheck:
     """
     key = key_of(receipt.proof.checkpoint)
     promised = receipt.verify(key)
-    if url.startswith(("ws://", "wss://")):
+    if url.startswith(("ws://", "wss://")) or "#" not in url:
+        # A VM's address (ws://, or http:// as the other commands take it); a call
+        # log URL names its key after '#'.
         from .rpc.client import RPCClient
 
         async with RPCClient(url) as client:
             url = client.backend_info.call_log_url
-    log = await fetch_call_log(url)
+    try:
+        log = await fetch_call_log(url)
+    except ValueError as exc:
+        raise LibVMSError(f"{url} is not a VM or call log URL: {exc}") from None
     try:
         if log.public_key != key.public_key:
             return ReceiptCheck(False, "the URL serves a different call log than the receipt's")

@@ -100,6 +100,13 @@ async def test_receipt_check(host, tmp_path):
     assert (code, out.strip()) == (0, "16"), err
     code, out, _ = await libvms("receipt", "check", receipt, host.url())
     assert code == 0 and out.startswith("OK: entry 4")
+    # The VM's address over http:// too, as the other commands take it.
+    http_url = "http://" + host.url().split("://", 1)[1]
+    code, out, err = await libvms("receipt", "check", receipt, http_url)
+    assert code == 0 and out.startswith("OK: entry 4"), err
+    for bad in ("ftp://127.0.0.1:1/log#xyz", http_url + "log#xyz"):
+        code, out, err = await libvms("receipt", "check", receipt, bad)
+        assert code == 2 and err.startswith("error: ") and "Traceback" not in err, err
 
     def drop_signed_call(entries):
         return entries[:4]

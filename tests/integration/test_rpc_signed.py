@@ -240,3 +240,60 @@ async def test_nonces_survive_a_restart(tmp_path):
     finally:
         await server.close()
         await vm.close()
+
+
+async def test_a_request_accepted_at_one_mount_is_a_replay_at_every_other(served):
+    # One VM at two paths, and on a second server: one nonce memory.
+    vm, server = served
+    server.mount("/again", vm)
+    other = RPCServer(vm, port=0)
+    await other.start()
+    try:
+        key = Keypair.generate()
+        request = signed_request(key, signed.log_identity(vm.call_log.public_key), "add", [1, 2])
+        (first,) = await send(server, request)
+        assert first["result"] == 3
+        async with aiohttp.ClientSession() as http:
+            for url in (server.url("/again"), other.url()):
+                async with http.ws_connect(url) as ws:
+                    await ws.send_str(json.dumps(request))
+                    reply = await ws.receive_json()
+                assert reply["error"]["code"] == ErrorCode.NONCE_REUSED, url
+        assert vm.call_log.length == 2
+    finally:
+        await other.close()
+
+
+async def test_an_honest_signed_call_with_a_whole_number_past_2_53_passes_the_audit(
+    served, tmp_path
+):
+    # JSON numbers are doubles: 2^53 + 2 arrives as a float, is signed and logged
+    # as 9007199254740994, and the auditor must read it back the same way.
+    from libvms.verifier import Verifier
+
+    _vm, server = served
+    async with RPCClient(server.url(), key=Keypair.generate()) as client:
+        assert await client.add(2.0**53 + 2, 0) == 2.0**53 + 2
+    report = await Verifier.audit(server.url(), state_dir=tmp_path)
+    assert report.ok, report.problems
+
+
+async def test_an_audit_takes_the_hosts_signature_window(tmp_path):
+    # A host may accept requests signed long ago (its window is its choice); the
+    # audit allows what the host's window allows, once told it.
+    from libvms.verifier import Verifier
+
+    vm = BackendVM(SCRIPT)
+    await vm.deploy(None)
+    async with RPCServer(vm, port=0, signature_window_ms=30 * 60_000) as server:
+        log = signed.log_identity(vm.call_log.public_key)
+        old = signed_request(Keypair.generate(), log, "add", [1, 2], time_ms=now_ms() - 900_000)
+        (reply,) = await send(server, old)
+        assert reply["result"] == 3
+        report = await Verifier.audit(server.url(), state_dir=tmp_path / "a")
+        assert [p.kind for p in report.problems] == ["signature"]
+        report = await Verifier.audit(
+            server.url(), state_dir=tmp_path / "b", signature_window_ms=30 * 60_000
+        )
+        assert report.ok, report.problems
+    await vm.close()

@@ -189,11 +189,8 @@ def test_check_nonces_finds_a_request_logged_twice():
     check_nonces([entry_for(one), entry_for(other_user)])
 
 
-def test_nonce_tracker_window_reserve_release_and_prune():
+def test_nonce_tracker_reserve_release_and_prune():
     tracker = NonceTracker(window_ms=1000)
-    assert tracker.in_window(5000, 5000)
-    assert tracker.in_window(4000, 5000) and tracker.in_window(6000, 5000)
-    assert not tracker.in_window(3999, 5000) and not tracker.in_window(6001, 5000)
     assert tracker.reserve("u", "n1", 5000, 5000)
     assert not tracker.reserve("u", "n1", 5000, 5000)
     assert tracker.seen("u", "n1") and not tracker.seen("v", "n1")

@@ -29,6 +29,7 @@ import base64
 import logging
 import re
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -124,7 +125,10 @@ class _Mount:
     path: str
     vm: BackendVM
     allow_unsigned: bool
+    #: The VM's one memory of nonces, shared by every mount of it, on any server.
     nonces: NonceTracker
+    #: How far a signed request's time may be from this server's clock.
+    window_ms: int
     methods: list[str]
     origin: str
     method_set: frozenset[str] = frozenset()
@@ -260,7 +264,8 @@ class RPCServer:
             path=path,
             vm=vm,
             allow_unsigned=self.allow_unsigned if allow_unsigned is None else allow_unsigned,
-            nonces=NonceTracker(self.signature_window_ms),
+            nonces=_nonces_of(vm, self.signature_window_ms),
+            window_ms=self.signature_window_ms,
             methods=methods,
             origin=log_identity(vm.call_log.public_key),
             method_set=frozenset(methods),
@@ -683,11 +688,11 @@ class RPCServer:
                 )
             now = _now_ms()
             nonces = mount.nonces
-            if not nonces.in_window(signed.time_ms, now):
+            if abs(now - signed.time_ms) > mount.window_ms:
                 return refuse(
                     ErrorCode.STALE_REQUEST,
                     f"the request's time {signed.time_ms} is more than "
-                    f"{nonces.window_ms} ms from the server's clock ({now})",
+                    f"{mount.window_ms} ms from the server's clock ({now})",
                 )
             if nonces.seen(signed.user_id, signed.nonce):
                 return refuse(ErrorCode.NONCE_REUSED, "this nonce was already used: replay refused")
@@ -748,6 +753,20 @@ class RPCServer:
             "entry": ledger.raw(seq).decode("utf-8"),
             "proof": f"{TLOG_PROOF_HEADER}\nindex {seq}\n{hashes}\n{text}",
         }
+
+
+#: Each VM's nonce memory, whichever paths and servers serve it: a signed request
+#: accepted at one must be a replay at every other.
+_NONCES: weakref.WeakKeyDictionary[BackendVM, NonceTracker] = weakref.WeakKeyDictionary()
+
+
+def _nonces_of(vm: BackendVM, window_ms: int) -> NonceTracker:
+    """``vm``'s nonce memory; it keeps pairs for the largest window it is served with."""
+    nonces = _NONCES.get(vm)
+    if nonces is None:
+        nonces = _NONCES[vm] = NonceTracker(window_ms)
+    nonces.window_ms = max(nonces.window_ms, window_ms)
+    return nonces
 
 
 def _recall_nonces(mount: _Mount, now_ms: int) -> None:
