@@ -1,5 +1,6 @@
 // A key server with admins. Anyone can read keys; only admins can change them.
-// The first caller of setAdmins (while there are no admins) becomes the admin set.
+// While there are no admins, the first caller of setAdmins sets the admin list
+// (to whatever it passes: it need not include itself).
 async function readJSON (path, fallback) {
   try {
     return JSON.parse(await System.files.readFile(path))

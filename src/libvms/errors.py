@@ -59,7 +59,7 @@ class ReplayLimitError(LibVMSError):
     """A replay ran past its own time or memory limit on entry ``index``, which the
     host's run did not. That proves nothing about the host (its limits and its
     machine may differ): the replay cannot decide that entry. Replay again with
-    higher limits."""
+    the host's limits."""
 
     def __init__(self, message: str, *, index: int) -> None:
         super().__init__(message)

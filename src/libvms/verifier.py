@@ -91,7 +91,7 @@ class Verifier:
         Raises :class:`~libvms.errors.ConnectError` when the VM cannot be reached
         or is not a libvms server, and :class:`~libvms.errors.ReplayLimitError`
         when a call's replay runs past ``call_timeout`` or ``memory_limit``
-        (which proves nothing about the host: audit again with higher limits);
+        (which proves nothing about the host: audit again with the host's limits);
         every finding about the VM itself is in the report. ``signature_window_ms``
         is the host's (``RPCServer(signature_window_ms=...)``). With ``follow``,
         keeps monitoring new batches until a problem appears (``on_batch`` is

@@ -817,8 +817,8 @@ class BackendVM:
         except LimitExceeded as exc:
             raise ReplayLimitError(
                 f"entry {seq}: the replay ran past its own limits ({exc}), which the host's "
-                "run did not; that says nothing about the host: replay with a higher "
-                "call_timeout or memory_limit",
+                "run did not; that says nothing about the host: replay with the host's "
+                "call_timeout and memory_limit (or a higher call_timeout)",
                 index=seq,
             ) from None
         except VMCallError as exc:
