@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import platformdirs
 
 from . import encoding
-from .archive import FilesArchive
+from .archive import ArchiveView, FilesArchive
 from .checkpoint import open_checkpoint
 from .errors import ConnectError, LibVMSError, TamperError, VerificationError
 from .evidence import Evidence, fork_evidence, key_of, replay_evidence
@@ -132,7 +132,7 @@ class Verifier:
         _compare_history(a.ledger, b.ledger)
 
 
-def _compare_files(a: FilesArchive, b: FilesArchive) -> None:
+def _compare_files(a: FilesArchive | ArchiveView, b: FilesArchive | ArchiveView) -> None:
     """The files and version half of :meth:`Verifier.compare_archives`."""
     if a.state_root != b.state_root:
         files_a, files_b = a.files(), b.files()
@@ -161,15 +161,15 @@ def _compare_files(a: FilesArchive, b: FilesArchive) -> None:
         )
 
 
-def _compare_history(a: Ledger, b: Ledger, start: int = 1) -> None:
-    """Raise unless two archive ledgers of one length hold the same mutations from
-    entry ``start`` on.
+def _compare_history(a: Ledger, b: Ledger, start: int = 1, end: int | None = None) -> None:
+    """Raise unless two archive ledgers hold the same mutations from entry ``start``
+    to ``end`` (default: ``a``'s length, which must then be ``b``'s too).
 
     The same files at the same version can still hide another history: other
     mtimes, another order, a version whose content no call wrote. Entry 0, the
     genesis, holds only the title, which a replay may not know (older logs).
     """
-    differing = _first_difference(a, b, max(start, 1), a.length)
+    differing = _first_difference(a, b, max(start, 1), a.length if end is None else end)
     if differing is None:
         return
     seq, x, y = differing
@@ -321,6 +321,13 @@ class AuditReport:
             "outages": [o.to_dict() for o in self.outages],
         }
         return json.dumps(obj, indent=2, default=repr)
+
+
+def _checkpoint_summary(ledger: Ledger) -> dict[str, Any]:
+    """A report's account of a ledger's latest signed checkpoint: size, root, note."""
+    note = ledger.checkpoint_text
+    checkpoint = open_checkpoint(note, ledger.verifier)
+    return {"size": checkpoint.size, "root": checkpoint.root_hash.hex(), "note": note}
 
 
 def _archive_message(exc: VerificationError) -> str:
@@ -514,12 +521,10 @@ class Auditor:
         assert self.log is not None and self.archive is not None
         report = self.report
         for which, ledger in (("log", self.log.ledger), ("files", self.archive.ledger)):
-            note = ledger.checkpoint_text
-            checkpoint = open_checkpoint(note, ledger.verifier)
-            summary = {"size": checkpoint.size, "root": checkpoint.root_hash.hex(), "note": note}
+            summary = _checkpoint_summary(ledger)
             if which == "log":
                 report.checkpoint = summary
-                report.entries = checkpoint.size
+                report.entries = summary["size"]
             else:
                 report.files_checkpoint = summary
             previous = self.state.last_checkpoint(ledger.verifier.to_text(), which)
@@ -676,16 +681,31 @@ class Auditor:
         """Compare the fetched archive with the replay's, at the version the log reached."""
         assert self.archive is not None and self.replay is not None and self.log is not None
         replayed = self.replay.files_archive
-        if self.archive.version != replayed.version:
-            # The two ledgers were fetched at different moments; catch up once.
-            await self._catch_up()
+        # The archive is always fetched after the log, and each commit writes both
+        # ledgers: an honest archive is never behind the fetched log. A busy
+        # host's may be ahead, holding the changes of calls the fetched log does
+        # not; the log fetched once more holds those calls (and maybe more).
+        log_fetched_last = False
+        if self.archive.version > replayed.version:
+            await self._catch_up(("log",))
+            if self.report.problems:
+                return
+            log_fetched_last = True
         fetched: Any = self.archive
         try:
-            _compare_files(fetched, replayed)
+            if fetched.version < replayed.version and log_fetched_last:
+                # Calls logged after the archive was fetched: compare what the
+                # replay held at the fetched version (the next batch does the rest).
+                _compare_files(fetched, await replayed.checkout(fetched.version))
+            else:
+                # Otherwise the versions must be equal; if not, the first differing
+                # path, or the versions, say how.
+                _compare_files(fetched, replayed)
             # Entries compared before are held under verified checkpoints: a
             # follower compares only what each batch added.
-            _compare_history(fetched.ledger, replayed.ledger, self._history_compared)
-            self._history_compared = fetched.version
+            end = fetched.version
+            _compare_history(fetched.ledger, replayed.ledger, self._history_compared, end)
+            self._history_compared = end
             # The genesis (not compared above) holds the title, which logs since the
             # init entry's filesArchiveTitle name, and scripts see through getInfo.
             title = self.log.ledger.get(0).get("filesArchiveTitle")
@@ -711,17 +731,18 @@ class Auditor:
                 )
             )
 
-    async def _catch_up(self) -> int:
-        """Fetch what both ledgers gained since, verify it and replay it.
+    async def _catch_up(self, ledgers: tuple[str, ...] = ("log", "files")) -> int:
+        """Fetch what the ledgers gained since (both, or only ``("log",)``), verify
+        it and replay it.
 
-        Returns how many entries the two ledgers gained together. A new
+        Returns how many entries the ledgers gained together. A new
         checkpoint that does not extend the one held is examined with a fresh
         download: a fork or rollback with evidence if the host signed it, a
         ``tamper`` problem if the data does not verify at all.
         """
         assert self.log is not None and self.archive is not None and self.replay is not None
         added = 0
-        for which in ("log", "files"):
+        for which in ledgers:
             copy: CallLog | FilesArchive = self.log if which == "log" else self.archive
             try:
                 added += await refresh(copy, session=self._session())
@@ -782,13 +803,9 @@ class Auditor:
         report.oracle_entries = list(self._stats.oracle_entries)
         report.aborted_entries = list(self._stats.aborted_entries)
         note = self.log.ledger.checkpoint_text
-        checkpoint = open_checkpoint(note, self.log.ledger.verifier)
-        report.checkpoint = {
-            "size": checkpoint.size,
-            "root": checkpoint.root_hash.hex(),
-            "note": note,
-        }
-        report.entries = checkpoint.size
+        report.checkpoint = _checkpoint_summary(self.log.ledger)
+        report.entries = report.checkpoint["size"]
+        report.files_checkpoint = _checkpoint_summary(self.archive.ledger)
         if not any(
             p.kind in ("fork", "rollback", "key-changed", "tamper") for p in report.problems
         ):
@@ -848,8 +865,10 @@ class Auditor:
                 if on_outage is not None:
                     on_outage(outage)
                 outage = None
-            if self.report.problems and not compared:
-                break
+            if self.report.problems:
+                if compared:
+                    self._finish()  # the report names the checkpoints it found them at
+                break  # a batch with a problem is not a verified one: no on_batch
             if added:
                 self._finish()
                 baseline = self._held()

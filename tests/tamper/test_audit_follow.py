@@ -72,11 +72,14 @@ async def test_follower_catches_a_truncation_as_rollback(host, tmp_path):
 
 async def test_follower_catches_a_file_written_outside_any_call(host, tmp_path):
     await debug_calls(host, ("note", "/file", "honest"))
-    auditor, task, _batches = await start_follower(host, tmp_path)
+    auditor, task, batches = await start_follower(host, tmp_path)
     await host.vm.files_archive.write_file("/file", "evil")
     report = await asyncio.wait_for(task, 10)
     problem = only_problem(report)
     assert (problem.kind, problem.path) == ("archive-mismatch", "/file")
+    assert batches.empty()  # the batch that showed it was not announced as verified
+    # The report names the archive checkpoint it was found at (the evil write's).
+    assert report.files_checkpoint["size"] == auditor.archive.version == 3
     await auditor.close()
 
 
@@ -92,3 +95,41 @@ async def test_signed_request_logged_long_after_it_was_signed_is_caught(host, tm
     await host.rewrite(delay)
     problem = only_problem(await audit(host, tmp_path))
     assert (problem.kind, problem.index) == ("signature", 1)
+
+
+async def test_an_archive_fetched_ahead_of_the_log_is_no_false_alarm(host, tmp_path, monkeypatch):
+    # The auditor fetches the log, then the archive: a busy host's archive already
+    # holds calls the fetched log does not. Every commit writes both ledgers, so
+    # the log fetched once more holds them; no false alarm.
+    from libvms import verifier
+
+    await debug_calls(host, ("note", "/a", "1"))
+    fetch = verifier.fetch_files_archive
+
+    async def calls_land_in_between(url, *args, **kwargs):
+        await debug_calls(host, ("note", "/a", "2"), ("note", "/b", "3"))
+        return await fetch(url, *args, **kwargs)
+
+    refresh = verifier.refresh
+
+    async def and_before_the_log_again(copy, *args, **kwargs):
+        if copy is auditor.log and auditor.log.length == 2:
+            await debug_calls(host, ("note", "/b", "5"))  # and one more meanwhile
+        return await refresh(copy, *args, **kwargs)
+
+    monkeypatch.setattr(verifier, "fetch_files_archive", calls_land_in_between)
+    monkeypatch.setattr(verifier, "refresh", and_before_the_log_again)
+    auditor = Auditor(host.url(), state_dir=tmp_path / "auditor")
+    report = await auditor.run()
+    assert report.ok, report.problems
+    # The log, fetched again after the archive, held the calls that raced it, and
+    # one more: the replay's archive is compared at the fetched archive's version.
+    assert (auditor.archive.version, auditor.replay.files_archive.version) == (4, 5)
+    batches: asyncio.Queue[int] = asyncio.Queue()
+    task = asyncio.ensure_future(auditor.follow(lambda _r, added: batches.put_nowait(added)))
+    await debug_calls(host, ("note", "/c", "4"))
+    while auditor.archive.version < 6:  # genesis and five writes
+        await asyncio.wait_for(batches.get(), 10)
+    assert not task.done() and auditor.report.ok, auditor.report.problems
+    task.cancel()
+    await auditor.close()
