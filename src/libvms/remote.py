@@ -208,6 +208,16 @@ def _want(wanted: dict[str, int], content_hash: str, size: int) -> None:
         )
 
 
+def _written_paths(entries: Iterable[bytes]) -> set[str]:
+    """The paths of the ``write`` entries among archive entries."""
+    paths = set()
+    for data in entries:
+        entry = encoding.parse_verified(data)
+        if isinstance(entry, dict) and entry.get("type") == "write":
+            paths.add(entry["path"])
+    return paths
+
+
 def _written_blobs(entries: Iterable[bytes]) -> dict[str, int]:
     """Hash -> size of every ``write`` among archive entries (already replayed, so valid)."""
     wanted: dict[str, int] = {}
@@ -412,6 +422,13 @@ async def _refresh(
                 await _fetch_blobs(source, archive, _written_blobs([*old, *entries]), "history")
             elif archive.fetch_mode == "history":
                 await _fetch_blobs(source, archive, _written_blobs(entries), "history")
+            elif archive.fetch_mode == "current":
+                # The files the new entries left current; the others' blobs are held
+                # (a follower refreshes often: this costs what the batch wrote).
+                wanted = _written_blobs(entries)
+                current = {s.hash for p in _written_paths(entries) if (s := tree.get(p))}
+                wanted = {h: size for h, size in wanted.items() if h in current}
+                await _fetch_blobs(source, archive, wanted, "current")
             else:
                 await _fetch_blobs(source, archive, _current_blobs(tree), "current")
             if fetched is not None:
