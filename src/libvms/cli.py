@@ -200,6 +200,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _caller_options(f: F) -> F:
     f = click.option(
+        "--timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        metavar="SECONDS",
+        help="Give up on a call whose reply has not come within SECONDS "
+        "(default: wait as long as it takes).",
+    )(f)
+    f = click.option(
         "--key",
         "key_file",
         type=click.Path(dir_okay=False, path_type=Path),
@@ -394,11 +401,13 @@ def _check_vm_url(url: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _connected(url: str, user: str | None, key: Keypair | None) -> AsyncIterator[RPCClient]:
+async def _connected(
+    url: str, user: str | None, key: Keypair | None, timeout: float | None = None
+) -> AsyncIterator[RPCClient]:
     from .rpc.client import RPCClient
 
     _check_vm_url(url)
-    client = RPCClient(url, user=user, key=key)
+    client = RPCClient(url, user=user, key=key, call_timeout=timeout)
     await client.connect()
     try:
         yield client
@@ -420,8 +429,9 @@ async def _call(
     user: str | None,
     key: Keypair | None,
     receipt_file: Path | None = None,
+    timeout: float | None = None,
 ) -> Any:
-    async with _connected(url, user, key) as client:
+    async with _connected(url, user, key, timeout) as client:
         _check_method(client, method)
         try:
             return await client.call(method, *args)
@@ -448,6 +458,7 @@ def call(
     args: tuple[str, ...],
     user: str | None,
     key_file: Path | None,
+    timeout: float | None,
     receipt_file: Path | None,
 ) -> None:
     """Call METHOD of the VM at URL once and print its result as JSON.
@@ -467,7 +478,7 @@ def call(
             )
     if receipt_file is not None and key is None:
         raise click.UsageError("--save-receipt needs a signed call (--key FILE)")
-    result = _run(_call(url, method, values, caller, key, receipt_file))
+    result = _run(_call(url, method, values, caller, key, receipt_file, timeout))
     click.echo(_dump(result))
 
 
@@ -778,7 +789,9 @@ class _Repl:
     metavar="EXPR",
     help="Run EXPR (a call or a dot command), print its result and exit.",
 )
-def repl(url: str, user: str | None, key_file: Path | None, expression: str | None) -> None:
+def repl(
+    url: str, user: str | None, key_file: Path | None, timeout: float | None, expression: str | None
+) -> None:
     """Call the methods of the VM at URL from an interactive prompt.
 
     Type `increment 2` or `await client.increment(2)`; `.methods` lists the
@@ -789,7 +802,7 @@ def repl(url: str, user: str | None, key_file: Path | None, expression: str | No
     caller, key = _caller(user, key_file)
     with _LoopThread() as loop:
         _check_vm_url(url)
-        client = RPCClient(url, user=caller, key=key)
+        client = RPCClient(url, user=caller, key=key, call_timeout=timeout)
         with expected_errors():
             loop.run(client.connect())
         try:

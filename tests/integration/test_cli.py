@@ -336,3 +336,17 @@ async def test_tampered_directory_fails_in_one_line(tmp_path: Path):
     conn.commit()
     conn.close()
     assert "call_log entry 1" in fails("log", tmp_path)
+
+
+def test_call_gives_up_after_its_timeout(tmp_path: Path):
+    script = tmp_path / "spin.js"
+    script.write_text("exports.spin = () => { for (;;) {} }\nexports.ok = () => 1\n")
+    vm = Served(tmp_path, script, "--call-timeout", "3")
+    try:
+        # Its own timeout, not the server's limit (which would name TimeLimitExceeded).
+        assert failure(finish(start("call", vm.url, "spin", "--timeout", "0.5"))) == (
+            "error: timed out"
+        )
+        assert libvms("call", vm.url, "ok", "--timeout", "30").strip() == "1"
+    finally:
+        vm.close()
