@@ -167,12 +167,7 @@ async def test_modified_archive_fails_compare_archives():
 async def test_falsified_result_fails_compare_logs_after_replay():
     vm = await deployed()
     await vm.execute_call("add", [2, 3])
-    forged = CallLog._new(None)  # the host's own re-signed copy, with one result changed
-    for entry in await vm.call_log.list():
-        if entry["type"] == "call":
-            entry["result"]["res"] = 6
-        forged.stage(entry)
-    await forged.ledger.store.flush()
+    forged = await _forge(_with_result(await vm.call_log.list(), 6))
     replay = await BackendVM.from_call_log(forged, {"files_archive_url": vm.files_archive.url})
     with pytest.raises(VerificationError) as info:
         await Verifier.compare_logs(forged, replay.call_log)
@@ -315,6 +310,14 @@ async def test_init_that_throws_is_logged_once_and_the_deploy_fails(tmp_path):
     await again.close()
 
 
+def _with_result(entries, res):
+    """``entries`` with every call's result changed to ``res``."""
+    for entry in entries:
+        if entry["type"] == "call":
+            entry["result"]["res"] = res
+    return entries
+
+
 async def _forge(entries):
     """The host's own re-signed log holding ``entries``."""
     forged = CallLog._new(None)
@@ -434,12 +437,7 @@ async def test_reopen_refuses_a_different_script(tmp_path):
 async def test_a_failed_reopen_or_replay_holds_nothing_open(tmp_path):
     vm = await deployed(tmp_path / "vm")
     await vm.execute_call("add", [2, 3])
-    forged = CallLog._new(None)  # the host's own re-signed copy, with one result changed
-    for entry in await vm.call_log.list():
-        if entry["type"] == "call":
-            entry["result"]["res"] = 6
-        forged.stage(entry)
-    await forged.ledger.store.flush()
+    forged = await _forge(_with_result(await vm.call_log.list(), 6))
     with pytest.raises(VerificationError):
         await BackendVM.from_call_log(
             forged, {"files_archive_url": vm.files_archive.url}, tmp_path / "replay", check=True
