@@ -467,21 +467,11 @@ class BackendVM:
         self, dir: str | Path | None, title: str, lock: DirectoryLock | None
     ) -> VMCallError | None:
         """Deploy afresh in one commit; returns the error ``init`` ended with, if any."""
-        marker = None
-        if dir is not None:
-            directory = Path(dir)
-            if _key_files(directory):
-                raise LibVMSError(
-                    f"{directory} holds key files but no database: restore the VM's "
-                    f"{DB_FILENAME}, or remove the key files to deploy a new VM there"
-                )
-            directory.mkdir(parents=True, exist_ok=True)
-            marker = directory / DEPLOYING_FILENAME
-            marker.touch()
         timestamp = _now_ms()
         runtime = self._new_runtime()
         try:
-            self._load(runtime, timestamp)
+            self._load(runtime, timestamp)  # a script that does not load leaves no trace
+            marker = None if dir is None else _mark_first_deploy(Path(dir))
             store = Store.open(dir, lock=lock)
         except BaseException:
             runtime.close()
@@ -1036,6 +1026,20 @@ def _runs_init(runtime: JSRuntime) -> bool:
     """Whether the loaded script exports a function ``init``: the call a deploy makes
     first (entry 1), and never again."""
     return ("init", True) in runtime.export_names()
+
+
+def _mark_first_deploy(directory: Path) -> Path:
+    """Leave the marker of a first deploy in ``directory`` (see DEPLOYING_FILENAME);
+    refuse key files without a database: they are a VM whose database is missing."""
+    if _key_files(directory):
+        raise LibVMSError(
+            f"{directory} holds key files but no database: restore the VM's "
+            f"{DB_FILENAME}, or remove the key files to deploy a new VM there"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    marker = directory / DEPLOYING_FILENAME
+    marker.touch()
+    return marker
 
 
 def _key_files(directory: Path) -> list[Path]:
