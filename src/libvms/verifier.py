@@ -323,6 +323,11 @@ class AuditReport:
         return json.dumps(obj, indent=2, default=repr)
 
 
+#: How many times an auditor fetches the log and the archive again, in turn, to
+#: catch a busy host's two ledgers at one state before comparing them.
+_CATCH_UP_ROUNDS = 4
+
+
 def _checkpoint_summary(ledger: Ledger) -> dict[str, Any]:
     """A report's account of a ledger's latest signed checkpoint: size, root, note."""
     note = ledger.checkpoint_text
@@ -685,25 +690,39 @@ class Auditor:
         # ledgers: an honest archive is never behind the fetched log. A busy
         # host's may be ahead, holding the changes of calls the fetched log does
         # not; the log fetched once more holds those calls (and maybe more).
-        log_fetched_last = False
-        if self.archive.version > replayed.version:
-            await self._catch_up(("log",))
+        last = "files"  # which ledger was fetched last: the archive, after the log
+        for _ in range(_CATCH_UP_ROUNDS):
+            if self.archive.version > replayed.version and last == "files":
+                await self._catch_up(("log",))
+                last = "log"
+            elif self.archive.version < replayed.version and last == "log":
+                # Calls landed while the log was fetched again: fetch the archive
+                # again too, so that it covers them.
+                await self._catch_up(("files",))
+                last = "files"
+            else:
+                break
             if self.report.problems:
                 return
-            log_fetched_last = True
         fetched: Any = self.archive
         try:
-            if fetched.version < replayed.version and log_fetched_last:
-                # Calls logged after the archive was fetched: compare what the
-                # replay held at the fetched version (the next batch does the rest).
+            if fetched.version > replayed.version and last == "files":
+                # Still chasing a busy host after a few rounds: compare the two at
+                # the version both reached; the rest is compared by the next audit,
+                # or by a follower once the log holds those calls.
+                _compare_files(await fetched.checkout(replayed.version), replayed)
+                end = replayed.version
+            elif fetched.version < replayed.version and last == "log":
                 _compare_files(fetched, await replayed.checkout(fetched.version))
+                end = fetched.version
             else:
-                # Otherwise the versions must be equal; if not, the first differing
-                # path, or the versions, say how.
+                # Otherwise the versions must be equal (an archive fetched after the
+                # log cannot lag it, nor lead the log fetched after it); if not, the
+                # first differing path, or the versions, say how.
                 _compare_files(fetched, replayed)
+                end = fetched.version
             # Entries compared before are held under verified checkpoints: a
             # follower compares only what each batch added.
-            end = fetched.version
             _compare_history(fetched.ledger, replayed.ledger, self._history_compared, end)
             self._history_compared = end
             # The genesis (not compared above) holds the title, which logs since the
@@ -848,7 +867,9 @@ class Auditor:
             try:
                 await self._catch_up()
                 added = self._held() - baseline
-                if added and not self.report.problems:
+                assert self.replay is not None
+                pending = self._history_compared < self.replay.files_archive.version
+                if (added or pending) and not self.report.problems:
                     compared = True
                     await self._compare_archive()
             except ConnectError as exc:
