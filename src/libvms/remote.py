@@ -208,24 +208,25 @@ def _want(wanted: dict[str, int], content_hash: str, size: int) -> None:
         )
 
 
-def _written_paths(entries: Iterable[bytes]) -> set[str]:
-    """The paths of the ``write`` entries among archive entries."""
-    paths = set()
+def _writes(entries: Iterable[bytes]) -> list[tuple[str, str, int]]:
+    """(path, hash, size) of every ``write`` among archive entries, in order."""
+    writes = []
     for data in entries:
         entry = encoding.parse_verified(data)
         if isinstance(entry, dict) and entry.get("type") == "write":
-            paths.add(entry["path"])
-    return paths
+            writes.append((entry["path"], entry["hash"], entry["size"]))
+    return writes
 
 
 def _written_blobs(entries: Iterable[bytes]) -> dict[str, int]:
     """Hash -> size of every ``write`` among archive entries (already replayed, so valid)."""
+    return _blobs_of(_writes(entries))
+
+
+def _blobs_of(writes: Iterable[tuple[str, str, int]]) -> dict[str, int]:
     wanted: dict[str, int] = {}
-    for data in entries:
-        entry = encoding.parse_verified(data)
-        if not isinstance(entry, dict) or entry.get("type") != "write":
-            continue
-        _want(wanted, entry["hash"], entry["size"])
+    for _path, content_hash, size in writes:
+        _want(wanted, content_hash, size)
     return wanted
 
 
@@ -425,9 +426,9 @@ async def _refresh(
             elif archive.fetch_mode == "current":
                 # The files the new entries left current; the others' blobs are held
                 # (a follower refreshes often: this costs what the batch wrote).
-                wanted = _written_blobs(entries)
-                current = {s.hash for p in _written_paths(entries) if (s := tree.get(p))}
-                wanted = {h: size for h, size in wanted.items() if h in current}
+                writes = _writes(entries)
+                current = {s.hash for path, _h, _n in writes if (s := tree.get(path))}
+                wanted = {h: n for h, n in _blobs_of(writes).items() if h in current}
                 await _fetch_blobs(source, archive, wanted, "current")
             else:
                 await _fetch_blobs(source, archive, _current_blobs(tree), "current")

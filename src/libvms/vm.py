@@ -554,7 +554,7 @@ class BackendVM:
                 await archive.close()
             raise
         self._set_exports(runtime)
-        self._identity = _archive_identity(await log.get(0), archive.title)
+        self._identity = _archive_identity(init, archive.title)
         self._deployed = True
         # A deploy whose commit landed but that ended before it could say so.
         (directory / DEPLOYING_FILENAME).unlink(missing_ok=True)
