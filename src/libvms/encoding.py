@@ -244,17 +244,48 @@ def parse(data: bytes | str, *, max_bytes: int = MAX_ENTRY_BYTES) -> Any:
 
 
 def parse_verified(data: bytes) -> Any:
-    """Parse bytes already known to be canonical JSON (a verified ledger entry)."""
+    """Parse bytes already known to be canonical JSON (a verified ledger entry).
+
+    Numbers come back as :func:`parse` makes them: an integer outside the safe
+    range (a double such as ``1e16``, which canonical JSON spells in digits) is
+    a float, so the value encodes again to the same bytes.
+    """
     text = data.decode("utf-8")
-    value, end = _scan(text, 0)
+    scan = _scan_doubles if may_hold_unsafe_int(data) else _scan
+    value, end = scan(text, 0)
     if end != len(text):  # pragma: no cover - canonical bytes hold one value and nothing else
         raise EncodingError("trailing data after the JSON value")
     return value
 
 
-# The C scanner, built once: json.loads spends more time around it than in it.
+def json_number(text: str) -> int | float:
+    """A JSON integer's value as JavaScript reads it: beyond the safe range, a double.
+
+    For the ``parse_int`` hook of a ``json`` decoder.
+    """
+    return _number(text)
+
+
+_DIGIT_MARKS = bytes.maketrans(b"0123456789", b"#" * 10)
+_DIGIT_RUN = b"#" * 16
+
+
+def may_hold_unsafe_int(data: bytes) -> bool:
+    """Whether JSON text ``data`` may spell an integer outside the safe range.
+
+    Such an integer has at least 16 digits (2^53 has 16), so a text without a
+    run of 16 digits holds none: its integers parse with the plain ``int``, and
+    the decoder need not call back into Python for each of them.
+    """
+    return len(data) >= 16 and _DIGIT_RUN in data.translate(_DIGIT_MARKS)
+
+
+# The C scanners, built once: json.loads spends more time around them than in them.
 _scan: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(
     json.JSONDecoder()  # type: ignore[arg-type]  # typeshed types the context oddly
+)
+_scan_doubles: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(
+    json.JSONDecoder(parse_int=_number)  # type: ignore[arg-type]
 )
 
 

@@ -217,6 +217,11 @@ class SignedCall:
             raise ValueError("sig must be the standard base64 of a 64-byte signature")
         values = {n: fields[n] for n in names if n != "sig"}
         values.update(known)
+        time_ms = values["time"]
+        if type(time_ms) is float and time_ms.is_integer():
+            # JSON numbers are doubles: 1700000000000.0 is the time 1700000000000,
+            # and canonical JSON signs it with that spelling.
+            values["time"] = int(time_ms)
         return cls(
             log=values["log"],
             user_id=values["user"],

@@ -107,8 +107,10 @@ async def test_only_fetched_copies_can_be_refreshed(served):
         await fetch_call_log(ledger_url(key))
 
 
-async def get(url):
+async def get(url, *, content_types=None):
     async with aiohttp.ClientSession() as http, http.get(url) as response:
+        if content_types is not None:
+            content_types.append(response.headers["Content-Type"])
         return response.status, await response.read()
 
 
@@ -128,7 +130,11 @@ async def test_http_endpoints(served, monkeypatch):
     assert body.count(b"\n") == 2
     assert body.split(b"\n")[0] == await vm.call_log.get_raw(1)
 
-    status, body = await get(base + f"/log/proof/inclusion?index=2&size={size}")
+    kinds = []
+    status, body = await get(
+        base + f"/log/proof/inclusion?index=2&size={size}", content_types=kinds
+    )
+    assert kinds == ["text/plain; charset=utf-8"]
     proof = protocol.parse_proof(body)
     root = vm.call_log.ledger.tree.root(size)
     merkle.verify_inclusion(merkle.leaf_hash(await vm.call_log.get_raw(2)), 2, size, proof, root)

@@ -195,6 +195,22 @@ async def test_a_stale_or_future_request_is_refused(served):
     assert vm.call_log.length == length
 
 
+async def test_a_time_spelled_with_a_fraction_is_the_same_number(served):
+    # JSON numbers are doubles: a client that writes 1700000000000.0 signs the
+    # same canonical bytes as one that writes 1700000000000.
+    vm, server = served
+    key = Keypair.generate()
+    log = signed.log_identity(vm.call_log.public_key)
+    request = signed_request(key, log, "add", [1, 2])
+    request["signed"]["time"] = float(request["signed"]["time"])
+    assert ".0," in json.dumps(request["signed"])
+    (reply,) = await send(server, request)
+    assert reply["result"] == 3
+    entry = (await vm.call_log.list())[-1]
+    assert entry["call"]["signed"]["time"] == int(request["signed"]["time"])
+    assert signed.verify_call_entry(entry, vm.call_log.public_key).user_id == key.user_id
+
+
 async def test_a_request_signed_for_another_vm_is_refused(served):
     vm, server = served
     other_log = signed.log_identity(Keypair.generate().public_key)

@@ -2,7 +2,7 @@ import json
 import math
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from libvms import encoding
@@ -161,6 +161,25 @@ def test_parse_canonical_accepts_exactly_the_canonical_spelling(value):
     else:
         with pytest.raises(EncodingError, match="canonical"):
             encoding.parse_canonical(plain.encode())
+
+
+@given(json_values)
+@example([1e16, {"t": -(2.0**60)}, 2.0**53, 9007199254740991, 1e21, 123456789012345.0])
+def test_parse_verified_reads_back_the_value_canonical_wrote(value):
+    try:
+        data = encoding.canonical(value)
+    except EncodingError:
+        return  # a lone surrogate in the drawn text
+    parsed = encoding.parse_verified(data)
+    assert encoding.canonical(parsed) == data
+    assert encoding.same_value(parsed, value)
+
+
+def test_may_hold_unsafe_int_looks_for_sixteen_digits_in_a_row():
+    assert not encoding.may_hold_unsafe_int(b"[900719925474099]")
+    assert encoding.may_hold_unsafe_int(b"[9007199254740993]")
+    assert encoding.may_hold_unsafe_int(b'["1234567890123456"]')  # a string: harmless
+    assert not encoding.may_hold_unsafe_int(b"[1e+21,12345678,12345678]")
 
 
 def _map_scalars(value, fn):

@@ -122,6 +122,25 @@ async def test_replay_reproduces_the_log_and_archive(tmp_path):
     await vm.close()
 
 
+async def test_doubles_past_2_53_in_arguments_and_results_replay_and_reopen(tmp_path):
+    # JSON numbers are doubles: 1e16 is logged as 10000000000000000, which must be
+    # read back as the double it is, not refused as an unsafe integer.
+    code = "exports.echo = (...a) => a\nexports.big = () => ({n: 2 ** 60, m: -1e20})"
+    vm = await deployed(tmp_path, code=code)
+    args = [{"t": 1e16}, [2.0**53 + 2, 1]]
+    assert await vm.execute_call("echo", args) == args
+    assert await vm.execute_call("big") == {"n": 2.0**60, "m": -1e20}
+    replay = await BackendVM.from_call_log(
+        vm.call_log, {"files_archive_url": vm.files_archive.url}, check=True
+    )
+    await replay.close()
+    await vm.close()
+    again = BackendVM(code)
+    await again.deploy(dir=tmp_path)
+    assert await again.execute_call("echo", [1e17]) == [1e17]
+    await again.close()
+
+
 async def test_replay_rejects_the_wrong_files_url():
     vm = await deployed()
     other = await FilesArchive.create(None, "other")

@@ -804,7 +804,9 @@ def _text(status: int, body: str) -> web.Response:
 
 
 def _proof(hashes: list[bytes]) -> web.Response:
-    return web.Response(status=200, body=protocol.format_proof(hashes), content_type="text/plain")
+    return web.Response(
+        status=200, body=protocol.format_proof(hashes), content_type="text/plain", charset="utf-8"
+    )
 
 
 def _int_param(query: Any, name: str, default: int | None = None) -> int:

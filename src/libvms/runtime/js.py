@@ -76,7 +76,14 @@ from typing import Any, NamedTuple
 
 import quickjs
 
-from ..encoding import MAX_DEPTH, MAX_SAFE_INT, canonical, is_unicode
+from ..encoding import (
+    MAX_DEPTH,
+    MAX_SAFE_INT,
+    canonical,
+    is_unicode,
+    json_number,
+    may_hold_unsafe_int,
+)
 from ..errors import EncodingError, LimitExceeded, ScriptError, VMCallError
 
 __all__ = [
@@ -186,17 +193,9 @@ _PRELUDE_SOURCE = (
 )
 
 
-def _parse_int(text: str) -> int | float:
-    # Every JS number is a double: an integer beyond the safe range is the
-    # double's exact value, so carry it as a float (canonical JSON prints it back
-    # the way JS does).
-    value = int(text)
-    if -MAX_SAFE_INT <= value <= MAX_SAFE_INT:
-        return value
-    return float(value)
-
-
-_decoder = json.JSONDecoder(parse_int=_parse_int)
+# Every JS number is a double: an integer beyond the safe range is the double's
+# exact value, carried as a float (canonical JSON prints it back the way JS does).
+_decoder = json.JSONDecoder(parse_int=json_number)
 _decode = _decoder.decode
 
 
@@ -207,9 +206,9 @@ def _make_decoders() -> tuple[Callable[[str, int], Any], Callable[[str, int], An
     Texts come from the prelude, which writes no whitespace. The C scanner is
     built once. ``decode_at`` uses the plain ``int`` parser when the text holds
     no run of 16 digits (so no integer that could leave the safe range), which
-    gives the same values as :func:`_parse_int` without calling back into
+    gives the same values as :func:`json_number` without calling back into
     Python for every integer; the check costs about a nanosecond per character.
-    ``decode_hooked_at`` always calls :func:`_parse_int`, for texts that hold
+    ``decode_hooked_at`` always calls :func:`json_number`, for texts that hold
     few integers but maybe long strings. Anything the scanner does not consume
     whole goes through :data:`_decode`, which then raises its usual error.
     """
@@ -222,8 +221,6 @@ def _make_decoders() -> tuple[Callable[[str, int], Any], Callable[[str, int], An
         return fallback, fallback
     hooked = make(_decoder)
     plain = make(json.JSONDecoder())
-    digit_marks = bytes.maketrans(b"0123456789", b"##########")
-    long_run = b"#" * 16
 
     def scan_whole(scan: Any, text: str, idx: int) -> Any:
         try:
@@ -235,9 +232,7 @@ def _make_decoders() -> tuple[Callable[[str, int], Any], Callable[[str, int], An
         return value
 
     def decode_at(text: str, idx: int) -> Any:
-        if len(text) - idx >= 16 and long_run in text.encode("utf-8", "surrogatepass").translate(
-            digit_marks
-        ):
+        if len(text) - idx >= 16 and may_hold_unsafe_int(text.encode("utf-8", "surrogatepass")):
             return scan_whole(hooked, text, idx)
         return scan_whole(plain, text, idx)
 
