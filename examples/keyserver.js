@@ -1,6 +1,7 @@
 // A key server with admins. Anyone can read keys; only admins can change them.
 // While there are no admins, the first caller of setAdmins sets the admin list
-// (to whatever it passes: it need not include itself).
+// (to whatever it passes: it need not include itself). The list is never empty
+// again: an empty one would let the next caller, anyone, take over.
 async function readJSON (path, fallback) {
   try {
     return JSON.parse(await System.files.readFile(path))
@@ -20,8 +21,9 @@ async function requireAdmin () {
 }
 
 function checkName (name) {
-  if (typeof name !== 'string' || !/^[A-Za-z0-9_.@-]{1,64}$/.test(name)) {
-    throw new TypeError('key names are 1-64 letters, digits, or _ . @ -')
+  if (typeof name !== 'string' || !/^[A-Za-z0-9_.@-]{1,64}$/.test(name) ||
+      name === '.' || name === '..') {
+    throw new TypeError('key names are 1-64 letters, digits, or _ . @ - (not . or ..)')
   }
 }
 
@@ -31,8 +33,9 @@ exports.init = async () => {
 }
 
 exports.setAdmins = async (admins) => {
-  if (!Array.isArray(admins) || !admins.every(a => typeof a === 'string')) {
-    throw new TypeError('admins must be a list of user ids')
+  if (!Array.isArray(admins) || admins.length === 0 ||
+      !admins.every(a => typeof a === 'string')) {
+    throw new TypeError('admins must be a non-empty list of user ids')
   }
   const current = await readJSON('/admins.json', [])
   if (current.length > 0) await requireAdmin()

@@ -8,7 +8,8 @@ on stderr and an exit code, never a traceback:
 
 * 0: success;
 * 1: the command failed (:data:`EXIT_FAILURE`);
-* 2: the command line itself is wrong (click's usage errors).
+* 2: the command line itself is wrong (click's usage errors);
+* 130: interrupted (Ctrl-C) before the command finished (:data:`EXIT_INTERRUPTED`).
 
 A command needing another code for its failures defines a subclass of
 :class:`CLIError` with that ``exit_code`` and passes it to :func:`_run` as
@@ -25,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import shlex
 import signal
@@ -75,6 +77,10 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 EXIT_FAILURE = 1
+
+#: Exit code of a command interrupted by Ctrl-C (128 + SIGINT, as shells report it).
+#: Not 1: for ``verify`` that would claim the host was caught.
+EXIT_INTERRUPTED = 130
 
 #: Where ``libvms keygen`` writes a key when no file is named.
 DEFAULT_KEY_FILE = "libvms-user.key"
@@ -182,17 +188,35 @@ def _limit_options(time_help: str, memory_help: str) -> Callable[[F], F]:
             type=_ByteSize(),
             default="64M",
             show_default=True,
-            help=f"Memory {memory_help}, in bytes (K, M and G suffixes are powers of 1024).",
+            callback=_check_limit,
+            help=f"Memory {memory_help}, in bytes (K, M and G suffixes are powers of 1024; "
+            "at least 1M).",
         )(f)
         return click.option(
             "--call-timeout",
             type=click.FloatRange(min=0, min_open=True),
             default=5.0,
             show_default=True,
+            callback=_check_limit,
             help=f"Seconds {time_help}.",
         )(f)
 
     return add
+
+
+def _check_limit(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Refuse a limit the sandbox cannot use (too little memory, a NaN time) as a usage error."""
+    from .runtime.js import check_limits
+
+    try:
+        if param.name == "memory_limit":
+            check_limits(1.0, value)
+        else:
+            check_limits(value, 2**26)
+    except ValueError as exc:
+        # "memory_limit must be ..." -> "Invalid value for '--memory-limit': must be ..."
+        raise click.BadParameter("must " + str(exc).split(" must ", 1)[1], ctx, param) from None
+    return value
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -246,7 +270,27 @@ class _ByteSize(click.ParamType):
         return int(match[1]) * 1024 ** " kmg".index(match[2].lower() or " ")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The command group: Ctrl-C ends any command with :data:`EXIT_INTERRUPTED`.
+
+    click would print "Aborted!" and exit 1, which for ``libvms verify`` means
+    that verification failed.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            hint = {
+                "call": " (a call already sent may still run and be logged)",
+                "repl": " (a call already sent may still run and be logged)",
+                "verify": ": the audit did not finish, nothing was decided",
+            }.get(ctx.invoked_subcommand or "", "")
+            click.echo(f"interrupted{hint}", err=True)
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="libvms")
 def main() -> None:
     """Run cryptographically auditable VMs, call them and read their call logs.
@@ -428,17 +472,34 @@ async def _call(
     args: list[Any],
     user: str | None,
     key: Keypair | None,
-    receipt_file: Path | None = None,
+    receipts: list[dict[str, Any]],
     timeout: float | None = None,
 ) -> Any:
+    """The call's result; its receipt, if any, is appended to ``receipts`` (also
+    when the script threw: a failed call is logged, and receipted, too)."""
     async with _connected(url, user, key, timeout) as client:
         _check_method(client, method)
         try:
             return await client.call(method, *args)
         finally:
-            if receipt_file is not None and client.receipts:
-                text = json.dumps(client.receipts[-1].to_dict(), indent=2) + "\n"
-                receipt_file.write_text(text)
+            if client.receipts:
+                receipts.append(client.receipts[-1].to_dict())
+
+
+def _save_receipt(file: Path, receipts: list[dict[str, Any]]) -> bool:
+    """Write the call's receipt to ``file``; False (with a warning) if it cannot be."""
+    if not receipts:
+        return True
+    try:
+        file.write_text(json.dumps(receipts[-1], indent=2) + "\n")
+    except OSError as exc:
+        click.echo(
+            f"warning: the call was logged, but its receipt could not be written to {file}: "
+            f"{exc.strerror or exc}",
+            err=True,
+        )
+        return False
+    return True
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -476,10 +537,22 @@ def call(
             raise click.UsageError(
                 f"no such option: {text} (to pass it as a string, quote it as JSON: '\"{text}\"')"
             )
-    if receipt_file is not None and key is None:
-        raise click.UsageError("--save-receipt needs a signed call (--key FILE)")
-    result = _run(_call(url, method, values, caller, key, receipt_file, timeout))
+    if receipt_file is not None:
+        if key is None:
+            raise click.UsageError("--save-receipt needs a signed call (--key FILE)")
+        folder = receipt_file.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            # Checked before the call: a call that is logged but whose receipt is
+            # lost would tempt a retry, and the retry would run a second time.
+            raise click.BadParameter(f"cannot write into {folder}", param_hint="'--save-receipt'")
+    receipts: list[dict[str, Any]] = []
+    try:
+        result = _run(_call(url, method, values, caller, key, receipts, timeout))
+    finally:
+        saved = receipt_file is None or _save_receipt(receipt_file, receipts)
     click.echo(_dump(result))
+    if not saved:
+        sys.exit(EXIT_FAILURE)
 
 
 # -- repl ----------------------------------------------------------------------
@@ -888,8 +961,40 @@ async def _read_log(source: str, start: int, end: int | None) -> _LogSlice:
 
 
 def _short(text: str, limit: int) -> str:
-    text = " ".join(text.split())
+    """``text`` on one line, its runs of white space made one space, shown as
+    :func:`_visible` shows it, cut to ``limit`` characters."""
+    text = _visible(" ".join(text.split()))
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _visible(text: str) -> str:
+    """``text`` with each character a terminal would not print as itself written as
+    an escape (``\\x1b``, ``\\u200b``): control and format characters, separators.
+
+    A log's strings come from its callers: printed raw, one could move the cursor,
+    clear or recolour the screen, or hide characters from the auditor reading it.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def _escape(char: str) -> str:
+    point = ord(char)
+    if point < 0x100:
+        return f"\\x{point:02x}"
+    return f"\\u{point:04x}" if point < 0x10000 else f"\\U{point:08x}"
+
+
+def _user_cell(user: object) -> str:
+    """The user column: the id as logged, quoted when white space begins or ends it,
+    so that ``" ed25519:..."`` (a debug-mode name) never reads as a signed user."""
+    if not isinstance(user, str):
+        return ""
+    shown = _visible(user)
+    if user != user.strip() or not user:
+        shown = f'"{shown}"'
+    return shown if len(shown) <= 24 else shown[:23] + "…"
 
 
 def _outcome(entry: dict[str, Any]) -> tuple[str, str]:
@@ -924,7 +1029,8 @@ def _print_table(view: _LogSlice) -> None:
     end = view.start + len(view.entries)
     span = f"entries {view.start}–{end - 1}" if view.entries else "no entries"
     table = Table(title=f"call log {view.url}", caption=f"{span} of {view.length}")
-    for name in ("#", "type", "user", "method", "args", "result / err", "filesVersion"):
+    columns = ("#", "type", "user", "signed", "method", "args", "result / err", "filesVersion")
+    for name in columns:
         numeric = name in ("#", "filesVersion")
         table.add_column(
             name, justify="right" if numeric else "left", no_wrap=True, overflow="ellipsis"
@@ -932,7 +1038,7 @@ def _print_table(view: _LogSlice) -> None:
     for seq, raw in enumerate(view.entries, start=view.start):
         entry = encoding.parse(raw)
         if not isinstance(entry, dict):
-            table.add_row(str(seq), "?", "", "", "", Text(_short(_dump(entry), 40)), "")
+            table.add_row(str(seq), "?", "", "", "", "", Text(_short(_dump(entry), 40)), "")
             continue
         call = entry.get("call")
         call = call if isinstance(call, dict) else {}
@@ -945,7 +1051,9 @@ def _print_table(view: _LogSlice) -> None:
         table.add_row(
             str(seq),
             Text(_short(str(entry.get("type", "?")), 8)),
-            Text(_short(user, 24) if isinstance(user, str) else ""),
+            Text(_user_cell(user)),
+            # A signed request is checked by every audit; a debug-mode id is a claim.
+            "yes" if "signed" in call else "",
             Text(_short(str(call.get("methodName", "")), 30)),
             Text(_short(_dump(args), 40) if args is not None else ""),
             Text(_short(outcome, 48), style=style),
@@ -1024,7 +1132,10 @@ async def _verify(
     quiet: bool,
     max_outage: float,
     limits: dict[str, Any],
+    following: list[bool],
 ) -> AuditReport:
+    """The audit of ``verify``; with ``follow``, the monitor after a first verdict,
+    announced by appending to ``following``."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -1069,6 +1180,7 @@ async def _verify(
         return report
     if not quiet:
         _print_report(report)
+    following.append(True)
 
     def batch(report: AuditReport, added: int) -> None:
         if not quiet:
@@ -1129,10 +1241,15 @@ def _default_signature_window() -> float:
 
 
 def _write_evidence(file: Path | None, found: Evidence | None) -> None:
+    """Write ``found`` to ``file``; a file that cannot be written is a warning only,
+    so that the finding's exit code stands."""
     if file is None or found is None:
         return
-    with expected_errors(CouldNotAudit):
+    try:
         file.write_text(found.to_json())
+    except OSError as exc:
+        click.echo(f"warning: cannot write evidence to {file}: {exc.strerror or exc}", err=True)
+        return
     click.echo(f"Evidence written to {file} (check it with: libvms evidence check)")
 
 
@@ -1210,13 +1327,16 @@ def verify(
         "memory_limit": memory_limit,
         "signature_window_ms": round(signature_window * 1000),
     }
+    following: list[bool] = []
     try:
         report = _run(
-            _verify(url, state_dir, pin_key, follow, as_json, max_outage, limits),
+            _verify(url, state_dir, pin_key, follow, as_json, max_outage, limits, following),
             error=CouldNotAudit,
         )
     except KeyboardInterrupt:
-        sys.exit(0)
+        if not following:
+            raise  # before the first verdict: nothing was decided
+        sys.exit(0)  # a monitor stopped: everything it reported was verified
     if as_json:
         click.echo(report.to_json())
     else:

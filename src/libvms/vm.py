@@ -49,6 +49,7 @@ from .runtime.js import (
     CallOutcome,
     HostError,
     JSRuntime,
+    check_limits,
 )
 from .store import DB_FILENAME, DirectoryLock, Store
 
@@ -368,6 +369,7 @@ class BackendVM:
     ) -> None:
         if not isinstance(code, str):
             raise TypeError("code must be a string of JavaScript")
+        check_limits(call_timeout, memory_limit)
         self.code = code
         self.call_timeout = call_timeout
         self.memory_limit = memory_limit
@@ -438,10 +440,10 @@ class BackendVM:
 
         Creating is one commit: the archive's genesis, the init entry and the
         ``init`` call are durable together or not at all, so a crash leaves a
-        directory that reopens or one that holds nothing (deployed afresh). When
-        ``init`` throws, it is logged all the same (it ran, and runs only once),
-        the VM is closed and the error is raised; deploying the directory again
-        reopens it.
+        directory that reopens or one that holds nothing (deployed afresh). An
+        ``init`` that throws or runs past a limit fails the deploy the same way:
+        :class:`~libvms.errors.ScriptError`, nothing committed, the VM closed, and
+        the directory deploys afresh (with the script fixed, say).
         """
         if self._runtime is not None or self._deployed:
             raise LibVMSError("this VM is already deployed")
@@ -453,20 +455,15 @@ class BackendVM:
                 await self._reopen(Path(dir), lock)
                 self._dir_lock = lock
                 return
-            init_error = await self._create(dir, title, lock)
+            await self._create(dir, title, lock)
         except BaseException:
             if lock is not None:
                 lock.release()
             raise
         self._dir_lock = lock
-        if init_error is not None:
-            await self.close()
-            raise init_error
 
-    async def _create(
-        self, dir: str | Path | None, title: str, lock: DirectoryLock | None
-    ) -> VMCallError | None:
-        """Deploy afresh in one commit; returns the error ``init`` ended with, if any."""
+    async def _create(self, dir: str | Path | None, title: str, lock: DirectoryLock | None) -> None:
+        """Deploy afresh in one commit."""
         timestamp = _now_ms()
         runtime = self._new_runtime()
         try:
@@ -498,21 +495,23 @@ class BackendVM:
         try:
             if _runs_init(runtime):
                 # Its entry joins the same commit as everything staged above.
-                result = await self.submit("init", [])
-                error = result.error
-            else:
-                await store.flush()
-                error = None
+                async with self._lock:
+                    result = await self._execute("init", [], None, None, True)
+                if result.error is not None:
+                    error = result.error
+                    raise ScriptError(
+                        f"the script's init failed ({error}), so nothing was deployed"
+                    ) from error
+            await store.flush()
         except BaseException:
-            # Cancelled, interrupted or failed before the commit: nothing of the
-            # deploy may be committed now (a commit already under way completes).
+            # Cancelled, interrupted, init failed, or the commit failed: nothing of
+            # the deploy may be committed now (a commit already under way completes).
             store.discard_staged()
             await self.close()
             raise
         self._deployed = True
         if marker is not None:
             marker.unlink(missing_ok=True)
-        return error
 
     def _attach(
         self, store: Store, archive: FilesArchive, log: CallLog, runtime: JSRuntime
@@ -572,6 +571,7 @@ class BackendVM:
         source = self.call_log
         init = await source.get(0)
         runtime = self._new_runtime()
+        runtime.rerunning = True  # its console lines were shown when the calls ran
         self._load(runtime, int(init.get("timestamp", 0)))
         scratch = await FilesArchive.create(None, self.files_archive.title)
         try:
@@ -590,6 +590,7 @@ class BackendVM:
             raise
         finally:
             await scratch.close()
+        runtime.rerunning = False
         self._runtime = runtime
         return runtime
 

@@ -324,6 +324,48 @@ def test_exec_failures_are_one_line(tmp_path: Path):
     assert str(port) in in_use
 
 
+async def test_log_table_shows_callers_strings_inert_and_marks_signed_calls(tmp_path: Path):
+    from libvms import signed
+    from libvms.rpc import RPCClient, RPCServer
+
+    vm = BackendVM("exports.echo = (x) => x\nexports.fail = (m) => { throw new Error(m) }")
+    await vm.deploy(tmp_path, title="inert")
+    key = Keypair.generate()
+    await vm.execute_call("echo", [1], user_id="evil\x1b[2J\x1b[31mRED\x1b]0;title\x07")
+    await vm.execute_call("echo", [2], user_id=" " + key.user_id)  # a debug-mode look-alike
+    await vm.execute_call("echo", [3], user_id="zero\u200bwidth")
+    with pytest.raises(Exception, match="boom"):
+        await vm.execute_call("fail", ["boom\x1b[2J"], user_id="bob")
+    async with RPCServer(vm, port=0) as server, RPCClient(server.url(), key=key) as client:
+        assert await client.echo(4) == 4
+    await vm.close()
+    assert signed.USER_ID_PREFIX in key.user_id
+    shown = libvms("log", tmp_path)
+    assert "\x1b" not in shown and "\x07" not in shown and "\u200b" not in shown
+    assert "evil\\x1b[2J" in shown and "zero\\u200bwidth" in shown and "boom\\x1b[2J" in shown
+    rows = {line.split("│")[1].strip(): line for line in shown.splitlines() if line.count("│") > 3}
+    assert rows["2"].split("│")[3].strip().startswith('" ed25519:')  # quoted: not signed
+    assert rows["2"].split("│")[4].strip() == ""
+    assert rows["5"].split("│")[4].strip() == "yes"
+
+
+def test_limits_the_sandbox_cannot_use_are_usage_errors(tmp_path: Path):
+    procs = [
+        start("exec", COUNTER, "--port", "0", "--dir", tmp_path / "a", *bad, cwd=tmp_path)
+        for bad in (
+            ("--memory-limit", "200K"),
+            ("--memory-limit", "99999999999G"),
+            ("--call-timeout", "nan"),
+        )
+    ] + [start("verify", "ws://127.0.0.1:1/", "--memory-limit", "64K", cwd=tmp_path)]
+    for proc in procs:
+        result = finish(proc)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+        assert "Invalid value for '--" in result.stderr
+    assert not (tmp_path / "a").exists()
+
+
 async def test_tampered_directory_fails_in_one_line(tmp_path: Path):
     vm = BackendVM(COUNTER.read_text())
     await vm.deploy(tmp_path, title="tamper")

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import signal
 import socket
 import sys
 
@@ -67,6 +68,13 @@ async def test_verify_honest_then_caught_with_evidence(host, tmp_path):
     code, out, _ = await libvms("evidence", "check", evidence)
     assert code == 0
     assert out.startswith("PROVEN: ")
+    # Evidence that cannot be written does not hide the finding.
+    unwritable = tmp_path / "no-such-dir" / "evidence.json"
+    code, out, err = await libvms(
+        "verify", host.url(), "--state-dir", state, "--evidence", unwritable
+    )
+    assert code == 1 and out.startswith("FAILED (fork)")
+    assert err.startswith("warning: cannot write evidence to") and "Traceback" not in err
 
     fresh = tmp_path / "fresh-state"
     code, out, _ = await libvms("verify", host.url(), "--state-dir", fresh, "--evidence", evidence)
@@ -88,6 +96,38 @@ async def test_verify_could_not_audit_exits_2(tmp_path):
     bad.write_text("{}")
     code, _, err = await libvms("evidence", "check", bad)
     assert code == 2 and err.startswith("error: ")
+
+
+async def test_ctrl_c_before_a_verdict_exits_130_not_0_or_1(tmp_path):
+    # A listener that accepts and never answers: the audit is under way when
+    # Ctrl-C comes. 0 would say "verified", 1 "the host was caught".
+    connected = asyncio.Event()
+
+    async def silent(reader, writer):
+        connected.set()
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "libvms.cli",
+        "verify",
+        f"ws://127.0.0.1:{port}/",
+        "--state-dir",
+        str(tmp_path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    await asyncio.wait_for(connected.wait(), 30)
+    proc.send_signal(signal.SIGINT)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    server.close()
+    assert proc.returncode == 130
+    assert out == b""
+    assert err.decode().strip() == "interrupted: the audit did not finish, nothing was decided"
 
 
 async def test_receipt_check(host, tmp_path):
@@ -119,6 +159,25 @@ async def test_receipt_check(host, tmp_path):
     assert code == 1 and out.startswith("FAILED: ")
     code, out, _ = await libvms("evidence", "check", evidence)
     assert code == 0 and out.startswith("PROVEN: ")
+
+
+async def test_a_receipt_that_cannot_be_saved_never_hides_the_call(host, tmp_path):
+    key_file = tmp_path / "alice.key"
+    Keypair.generate().save(key_file)
+    # A folder that does not exist: refused before the call runs.
+    missing = tmp_path / "no-such-dir" / "receipt.json"
+    code, out, err = await libvms(
+        "call", host.url(), "add", "10", "--key", key_file, "--save-receipt", missing
+    )
+    assert code == 2 and out == "" and "--save-receipt" in err
+    # A file that cannot be written after all: the call ran, so its result is shown.
+    dangling = tmp_path / "receipt.json"
+    dangling.symlink_to(tmp_path / "gone" / "receipt.json")
+    code, out, err = await libvms(
+        "call", host.url(), "add", "10", "--key", key_file, "--save-receipt", dangling
+    )
+    assert (code, out.strip()) == (1, "16")  # 1 + 2 + 3 + 10: the refused call never ran
+    assert err.startswith("warning: the call was logged, but its receipt could not be written")
 
 
 async def test_verify_of_a_host_with_higher_limits_is_undecided_until_raised(tmp_path):

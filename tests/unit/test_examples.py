@@ -87,8 +87,16 @@ async def test_keyserver_permissions():
     await vm.execute_call("setKey", ["bob", "ssh-ed25519 AAAA"], user_id="alice")
     assert await vm.execute_call("getKey", ["bob"]) == "ssh-ed25519 AAAA"
     assert await vm.execute_call("listKeys") == ["bob"]
-    with pytest.raises(VMCallError, match="TypeError"):
-        await vm.execute_call("setKey", ["../escape", "k"], user_id="alice")
+    for name in ("../escape", "..", "."):
+        with pytest.raises(VMCallError, match="TypeError"):
+            await vm.execute_call("setKey", [name, "k"], user_id="alice")
+        with pytest.raises(VMCallError, match="TypeError"):
+            await vm.execute_call("getKey", [name])
+    # An empty admin list would hand the server to its next caller: refused.
+    with pytest.raises(VMCallError, match="non-empty"):
+        await vm.execute_call("setAdmins", [[]], user_id="alice")
+    with pytest.raises(VMCallError, match="PermissionDenied"):
+        await vm.execute_call("setAdmins", [["mallory"]], user_id="mallory")
     await vm.execute_call("delKey", ["bob"], user_id="alice")
     assert await vm.execute_call("getKey", ["bob"]) is None
     await replay_and_compare(vm)

@@ -2,6 +2,7 @@
 
 import asyncio
 import hashlib
+import logging
 import struct
 
 import pytest
@@ -12,6 +13,7 @@ from libvms.errors import (
     LibVMSError,
     LimitExceeded,
     NotFoundError,
+    ScriptError,
     TamperError,
     VerificationError,
     VMCallError,
@@ -139,6 +141,39 @@ async def test_doubles_past_2_53_in_arguments_and_results_replay_and_reopen(tmp_
     await again.deploy(dir=tmp_path)
     assert await again.execute_call("echo", [1e17]) == [1e17]
     await again.close()
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        ({"memory_limit": 200 * 1024}, "memory_limit must be from"),
+        ({"memory_limit": 10**30}, "memory_limit must be from"),
+        ({"memory_limit": 64.5 * 2**20}, "whole number of bytes"),
+        ({"call_timeout": float("nan")}, "finite number of seconds"),
+        ({"call_timeout": 0}, "finite number of seconds"),
+        ({"call_timeout": "5"}, "number of seconds"),
+    ],
+)
+def test_limits_the_sandbox_cannot_use_are_refused_at_once(limits, message):
+    # Not an engine failure at deploy (a too-small limit could not even load the prelude).
+    with pytest.raises(ValueError, match=message):
+        BackendVM(SCRIPT, **limits)
+
+
+async def test_rebuilding_after_an_abort_does_not_show_old_console_lines_again(caplog):
+    vm = await deployed(
+        code="exports.hi = (n) => { console.log('hi', n) }\nexports.spin = () => { for (;;) {} }",
+        call_timeout=0.3,
+    )
+    await vm.execute_call("hi", [1])
+    caplog.clear()
+    caplog.set_level(logging.DEBUG, logger="libvms")
+    with pytest.raises(LimitExceeded):
+        await vm.execute_call("spin")  # the state is rebuilt by running call 1 again
+    await vm.execute_call("hi", [2])
+    shown = [(r.levelno, r.getMessage()) for r in caplog.records if "console" in r.getMessage()]
+    assert shown == [(logging.DEBUG, "console.log: hi 1"), (logging.INFO, "console.log: hi 2")]
+    await vm.close()
 
 
 async def test_replay_rejects_the_wrong_files_url():
@@ -312,21 +347,25 @@ exports.bump = async () => {
 """
 
 
-async def test_init_that_throws_is_logged_once_and_the_deploy_fails(tmp_path):
-    code = "globalThis.failInit = true\n" + INIT_SCRIPT
-    vm = BackendVM(code)
-    with pytest.raises(VMCallError, match="init failed"):
-        await vm.deploy(dir=tmp_path)
-    with pytest.raises(LibVMSError, match="closed"):
-        await vm.execute_call("bump")
-    again = BackendVM(code)
-    await again.deploy(dir=tmp_path)  # it ran, and runs once: the directory reopens
-    entries = await again.call_log.list(1)
-    assert [(e["call"]["methodName"], e["result"]["err"]["message"]) for e in entries] == [
-        ("init", "init failed")
-    ]
-    assert await again.execute_call("bump") == 1  # its write before the throw stands
-    await again.close()
+@pytest.mark.parametrize("failure", ["throw new Error('init failed')", "for (;;) {}"])
+async def test_an_init_that_fails_deploys_nothing_and_the_fixed_script_deploys(tmp_path, failure):
+    code = INIT_SCRIPT.replace("throw new Error('init failed')", failure)
+    broken = "globalThis.failInit = true\n" + code
+    for _ in range(2):  # the same script fails the same way every time
+        vm = BackendVM(broken, call_timeout=0.3)
+        with pytest.raises(ScriptError, match=r"the script's init failed \(.*nothing was deployed"):
+            await vm.deploy(dir=tmp_path)
+        with pytest.raises(LibVMSError, match="closed"):
+            await vm.execute_call("bump")
+        assert _open_stores_in(tmp_path) == []
+    fixed = BackendVM(code)
+    await fixed.deploy(dir=tmp_path)  # afresh: no trace of the failed deploys
+    entries = await fixed.call_log.list()
+    assert [e["type"] for e in entries] == ["init", "call"]
+    assert "err" not in entries[1]["result"]
+    assert fixed.files_archive.version == 2  # the genesis and init's one write
+    assert await fixed.execute_call("bump") == 1
+    await fixed.close()
 
 
 def _with_result(entries, res):

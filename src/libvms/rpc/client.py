@@ -163,6 +163,9 @@ class RPCClient:
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as exc:
             await session.close()
             raise ConnectError(f"cannot connect to {self._url}: {_describe(exc)}") from exc
+        except BaseException:  # cancelled, interrupted: leave nothing open
+            await session.close()
+            raise
         self._session = session
         self._ws = ws
         self._closed_error = None
@@ -175,18 +178,29 @@ class RPCClient:
         except (LibVMSError, ValueError, asyncio.TimeoutError) as exc:
             await self.close()
             raise ConnectError(f"{self._url} is not a libvms server: {_describe(exc)}") from exc
+        except BaseException:
+            # Cancelled or interrupted: drop the connection without waiting for a
+            # close handshake from a server that may never answer.
+            await self._drop()
+            raise
         self._info = info
         self._log = log_identity(info.call_log_public_key)
         self._verifier = info.call_log_verifier
 
     async def close(self) -> None:
         """Close the connection; calls still waiting fail with ConnectError."""
-        ws, session, reader = self._ws, self._session, self._reader
-        self._ws = self._session = self._reader = None
+        ws, self._ws = self._ws, None
         self._fail_pending(ConnectError("the client was closed"))
         if ws is not None:
             with contextlib.suppress(Exception):
                 await ws.close()
+        await self._drop()
+
+    async def _drop(self) -> None:
+        """Forget the connection and close its session (and so its socket) at once."""
+        session, reader = self._session, self._reader
+        self._ws = self._session = self._reader = None
+        self._fail_pending(ConnectError("the client was closed"))
         if reader is not None:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

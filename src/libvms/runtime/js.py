@@ -89,11 +89,14 @@ from ..errors import EncodingError, LimitExceeded, ScriptError, VMCallError
 __all__ = [
     "ENGINE_NAME",
     "ENGINE_VERSION",
+    "MAX_MEMORY_LIMIT",
+    "MIN_MEMORY_LIMIT",
     "PRELUDE_VERSION",
     "CallOutcome",
     "HostError",
     "HostHandler",
     "JSRuntime",
+    "check_limits",
 ]
 
 #: The JavaScript engine, as recorded with a VM.
@@ -105,6 +108,12 @@ ENGINE_VERSION: str = importlib.metadata.version("quickjs-ng")
 #: Version of the prelude's observable behaviour. Bump it whenever a script could
 #: see a difference (globals, Date formatting, PRNG, timer order, encodings...).
 PRELUDE_VERSION = "2"
+
+#: Smallest memory limit accepted: the prelude alone needs about half of it.
+MIN_MEMORY_LIMIT = 1024 * 1024
+
+#: Largest memory limit accepted (256 TiB): past it the limit is no limit at all.
+MAX_MEMORY_LIMIT = 2**48
 
 #: Console lines kept per call (or load); further lines are dropped with a note.
 MAX_LOG_LINES = 1000
@@ -195,6 +204,27 @@ _PRELUDE_SOURCE = (
 
 # Every JS number is a double: an integer beyond the safe range is the double's
 # exact value, carried as a float (canonical JSON prints it back the way JS does).
+def check_limits(call_timeout: float, memory_limit: int) -> None:
+    """Raise :class:`ValueError` unless the limits can bound a script: a finite
+    positive ``call_timeout`` (seconds) and an integer ``memory_limit`` from
+    :data:`MIN_MEMORY_LIMIT` to :data:`MAX_MEMORY_LIMIT` bytes."""
+    if isinstance(call_timeout, bool) or not isinstance(call_timeout, (int, float)):
+        raise ValueError(f"call_timeout must be a number of seconds, not {call_timeout!r}")
+    if not 0 < call_timeout < _INFINITY:
+        raise ValueError(
+            f"call_timeout must be a finite number of seconds above 0, not {call_timeout!r}"
+        )
+    if isinstance(memory_limit, bool) or not isinstance(memory_limit, int):
+        raise ValueError(f"memory_limit must be a whole number of bytes, not {memory_limit!r}")
+    if not MIN_MEMORY_LIMIT <= memory_limit <= MAX_MEMORY_LIMIT:
+        raise ValueError(
+            f"memory_limit must be from {MIN_MEMORY_LIMIT} to {MAX_MEMORY_LIMIT} bytes, "
+            f"not {memory_limit}"
+        )
+
+
+_INFINITY = float("inf")
+
 _decoder = json.JSONDecoder(parse_int=json_number)
 _decode = _decoder.decode
 
@@ -422,10 +452,14 @@ class JSRuntime:
         logger: logging.Logger | None = None,
     ) -> None:
         _ensure_c_numeric_locale()
+        check_limits(call_timeout, memory_limit)
         self.broken = False
         self._call_timeout = float(call_timeout)
         self._memory_limit = int(memory_limit)
         self._logger = logger if logger is not None else logging.getLogger("libvms.vm")
+        #: Whether the calls run again what already ran once (rebuilding a VM's
+        #: state): their console lines, shown when they first ran, go at DEBUG.
+        self.rerunning = False
         self._loaded = False
         self._busy = False
         self._closed = False
@@ -779,7 +813,8 @@ class JSRuntime:
             return
         logger = self._logger
         for level, text in logs[: MAX_LOG_LINES + 1]:
-            logger.log(_LOG_LEVELS.get(level, logging.INFO), "console.%s: %s", level, text)
+            severity = logging.DEBUG if self.rerunning else _LOG_LEVELS.get(level, logging.INFO)
+            logger.log(severity, "console.%s: %s", level, text)
 
 
 def _has_marker_text(text: str) -> bool:
