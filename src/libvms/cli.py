@@ -355,6 +355,7 @@ async def _serve(
     call_timeout: float,
     memory_limit: int,
 ) -> None:
+    from .rpc.protocol import HANDSHAKE, rpc_methods
     from .rpc.server import RPCServer
     from .vm import BackendVM
 
@@ -370,7 +371,14 @@ async def _serve(
             click.echo(f"Data directory: {data_dir.resolve()}")
             click.echo(f"Call log URL: {vm.call_log.url}")
             click.echo(f"Files archive URL: {vm.files_archive.url}")
-            click.echo(f"Methods: {', '.join(vm.methods) or '(none)'}")
+            methods = rpc_methods(vm.methods)
+            click.echo(f"Methods: {', '.join(methods) or '(none)'}")
+            if len(methods) < len(vm.methods):
+                click.echo(
+                    f"warning: the script exports {HANDSHAKE!r}, which the protocol "
+                    "answers itself: it cannot be called over RPC",
+                    err=True,
+                )
             sys.stdout.flush()
             await _wait_for_stop()
         finally:
@@ -1240,6 +1248,18 @@ def _default_signature_window() -> float:
     return DEFAULT_WINDOW_MS / 1000
 
 
+def _check_given_key(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Refuse a ``--key`` that names no call log key as a usage error, before connecting."""
+    from .verifier import call_log_key_given
+
+    if value is not None:
+        try:
+            call_log_key_given(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx, param) from None
+    return value
+
+
 def _write_evidence(file: Path | None, found: Evidence | None) -> None:
     """Write ``found`` to ``file``; a file that cannot be written is a warning only,
     so that the finding's exit code stands."""
@@ -1263,8 +1283,11 @@ def _write_evidence(file: Path | None, found: Evidence | None) -> None:
 @click.option(
     "--key",
     "pin_key",
-    metavar="VKEY",
-    help="The call log's verifier key (name+id+key) to require instead of trust on first use.",
+    metavar="KEY",
+    callback=_check_given_key,
+    help="The call log key to require instead of trust on first use: the call log's "
+    "URL as `libvms exec` prints it (http://...#<key>), libvms:<key>, the key alone, "
+    "or its verifier key (name+id+key).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--follow", is_flag=True, help="Stay on as a live monitor of new calls.")

@@ -25,7 +25,7 @@ from .archive import ArchiveView, FilesArchive
 from .checkpoint import open_checkpoint
 from .errors import ConnectError, LibVMSError, TamperError, VerificationError
 from .evidence import Evidence, fork_evidence, key_of, replay_evidence
-from .keys import ledger_url
+from .keys import VerifierKey, ledger_url, parse_ledger_url
 from .ledger import Ledger
 from .log import CallLog
 from .remote import fetch_call_log, fetch_files_archive, http_timeout, refresh
@@ -372,7 +372,11 @@ class _AuditState:
         tmp.replace(path)
 
     def pins(self, url: str) -> dict[str, Any] | None:
-        return self._read(self._path("pin", url))
+        return self._read(self.pin_file(url))
+
+    def pin_file(self, url: str) -> Path:
+        """The file that holds ``url``'s pinned keys."""
+        return self._path("pin", url)
 
     def pin(self, url: str, call_log_key: str, files_archive_key: str) -> None:
         value = {"url": url, "callLogKey": call_log_key, "filesArchiveKey": files_archive_key}
@@ -391,6 +395,28 @@ class _AuditState:
 
 
 Progress = Callable[[str, int, int], None]
+
+
+def call_log_key_given(text: str) -> bytes:
+    """The call log public key named by ``text``, in any form libvms shows it.
+
+    The call log's URL (``http://host/log#<key>``, as ``libvms exec`` prints
+    it), its ``libvms:<key>`` origin, the base64url key alone, or its signed-note
+    verifier key (``<name>+<key id>+<base64>``). Raises :class:`ValueError` for
+    anything else.
+    """
+    text = text.strip()
+    try:
+        if text.count("+") >= 2 and "://" not in text:
+            return VerifierKey.parse(text).public_key
+        if ":" in text:
+            return parse_ledger_url(text)[1]
+        return parse_ledger_url(f"libvms:{text}")[1]
+    except ValueError:
+        raise ValueError(
+            f"{text!r} names no call log key: give the call log's URL (http://...#<key>), "
+            "libvms:<key>, the key alone, or its verifier key"
+        ) from None
 
 
 class Auditor:
@@ -421,6 +447,7 @@ class Auditor:
         self.signature_window_ms = signature_window_ms
         self.state = _AuditState(Path(state_dir) if state_dir else default_state_dir())
         self.pin_key = pin_key
+        self._given_key = None if pin_key is None else call_log_key_given(pin_key)
         self.progress = progress
         self.call_timeout = call_timeout
         self.memory_limit = memory_limit
@@ -491,32 +518,41 @@ class Auditor:
         return self.info
 
     def _check_pins(self, info: BackendInfo) -> bool:
-        expected = self.pin_key
         pinned = self.state.pins(self.url)
-        if expected is None and pinned is not None:
-            expected = pinned.get("callLogKey")
-            if pinned.get("filesArchiveKey") != info.files_archive_key:
+        if self._given_key is not None:
+            if self._given_key != info.call_log_public_key:
                 self.report.problems.append(
                     Problem(
                         "key-changed",
-                        "the files archive key is not the one pinned for this URL",
-                        field="filesArchiveKey",
-                        expected=pinned.get("filesArchiveKey"),
-                        found=info.files_archive_key,
+                        "the call log key is not the one given to check it against",
+                        field="callLogKey",
+                        expected=self.pin_key,
+                        found=info.call_log_key,
                     )
                 )
                 return False
-        if expected is not None and expected != info.call_log_key:
-            self.report.problems.append(
-                Problem(
-                    "key-changed",
-                    "the call log key is not the one pinned for this URL",
-                    field="callLogKey",
-                    expected=expected,
-                    found=info.call_log_key,
-                )
+        elif pinned is not None:
+            # Trust on first use: the keys seen at the first audit of this URL.
+            where = (
+                f"pinned for this URL at its first audit (in {self.state.pin_file(self.url)}; "
+                "remove that file only if the VM was replaced on purpose)"
             )
-            return False
+            for field, found in (
+                ("callLogKey", info.call_log_key),
+                ("filesArchiveKey", info.files_archive_key),
+            ):
+                if pinned.get(field) != found:
+                    what = "call log" if field == "callLogKey" else "files archive"
+                    self.report.problems.append(
+                        Problem(
+                            "key-changed",
+                            f"the {what} key is not the one {where}",
+                            field=field,
+                            expected=pinned.get(field),
+                            found=found,
+                        )
+                    )
+                    return False
         if pinned is None:
             self.state.pin(self.url, info.call_log_key, info.files_archive_key)
         return True

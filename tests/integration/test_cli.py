@@ -185,6 +185,18 @@ def test_exec_prints_where_it_serves(served: Served, workdir: Path):
     assert banner["Methods"] == "increment, get"
 
 
+def test_exec_leaves_out_and_warns_of_an_export_the_protocol_answers(tmp_path: Path):
+    script = tmp_path / "hs.js"
+    script.write_text("exports.handshake = () => 1\nexports.z = () => 2\n")
+    vm = Served(tmp_path, script)
+    try:
+        assert vm.banner["Methods"] == "z"
+        assert vm.stop() == 0
+        assert "warning: the script exports 'handshake'" in vm.stderr()
+    finally:
+        vm.close()
+
+
 def test_call_as_a_debug_user(served: Served):
     count = int(libvms("call", served.url, "increment", "5", "-u", "alice"))
     # A negative number is an argument, not an option.

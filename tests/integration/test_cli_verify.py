@@ -92,6 +92,8 @@ async def test_verify_could_not_audit_exits_2(tmp_path):
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     code, _, err = await libvms("verify", "not-a-url", "--state-dir", tmp_path)
     assert code == 2 and "Traceback" not in err
+    code, _, err = await libvms("verify", f"ws://127.0.0.1:{port}/", "--key", "garbage")
+    assert code == 2 and "names no call log key" in err and "Traceback" not in err
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     code, _, err = await libvms("evidence", "check", bad)

@@ -11,7 +11,7 @@ import asyncio
 import pytest
 
 from libvms.evidence import Evidence, check, fork_evidence
-from libvms.keys import Keypair
+from libvms.keys import Keypair, ledger_url
 from libvms.rpc import RPCClient
 from libvms.verifier import Auditor, Verifier, check_receipt
 from libvms.vm import BackendVM
@@ -140,6 +140,19 @@ async def test_other_keys_at_an_audited_url_are_a_key_change(host, tmp_path):
     try:
         problem = only_problem(await Verifier.audit(host.url(), state_dir=state))
         assert problem.kind == "key-changed"
+        assert str(state) in problem.message  # where the pin is kept
+        # A key given to check against is used instead of the pin, in any form.
+        origin = ledger_url(honest.call_log.public_key)  # libvms:<key>
+        web = ledger_url(honest.call_log.public_key, "http://127.0.0.1:1/log")
+        for given in (web, origin, origin.removeprefix("libvms:")):
+            report = await Verifier.audit(host.url(), state_dir=tmp_path / "b", pin_key=given)
+            assert only_problem(report).kind == "key-changed"
+            assert "given" in only_problem(report).message
+        stand_in_key = stand_in.call_log.ledger.verifier.to_text()
+        report = await Verifier.audit(host.url(), state_dir=state, pin_key=stand_in_key)
+        assert report.ok
+        with pytest.raises(ValueError, match="names no call log key"):
+            await Verifier.audit(host.url(), state_dir=state, pin_key="garbage")
     finally:
         host.server.unmount("/")
         host.server.mount("/", honest)
