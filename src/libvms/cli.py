@@ -322,12 +322,14 @@ def _log_to_stderr() -> None:
     library.setLevel(logging.INFO)
 
 
-async def _wait_for_stop() -> None:
-    """Return at the first SIGINT or SIGTERM.
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[asyncio.Event]:
+    """An event that the first SIGINT or SIGTERM sets, from the moment this is entered.
 
-    The handlers are removed then, so that a second Ctrl-C interrupts a slow
-    shutdown. Where the loop cannot handle signals, Ctrl-C still raises
-    KeyboardInterrupt as usual.
+    Entered before the banner is printed, so that whoever reads the banner may
+    signal at once. The handlers are removed on leaving, so that a second Ctrl-C
+    interrupts a slow shutdown. Where the loop cannot handle signals, Ctrl-C
+    still raises KeyboardInterrupt as usual.
     """
     import asyncio
 
@@ -339,7 +341,7 @@ async def _wait_for_stop() -> None:
             loop.add_signal_handler(sig, stop.set)
             installed.append(sig)
     try:
-        await stop.wait()
+        yield stop
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
@@ -365,22 +367,23 @@ async def _serve(
         server = RPCServer(vm, port=port, host=host)
         await server.start()
         try:
-            for warning in vm.warnings:
-                click.echo(f"warning: {warning}", err=True)
-            click.echo(f"Serving at {server.url()}")
-            click.echo(f"Data directory: {data_dir.resolve()}")
-            click.echo(f"Call log URL: {vm.call_log.url}")
-            click.echo(f"Files archive URL: {vm.files_archive.url}")
-            methods = rpc_methods(vm.methods)
-            click.echo(f"Methods: {', '.join(methods) or '(none)'}")
-            if len(methods) < len(vm.methods):
-                click.echo(
-                    f"warning: the script exports {HANDSHAKE!r}, which the protocol "
-                    "answers itself: it cannot be called over RPC",
-                    err=True,
-                )
-            sys.stdout.flush()
-            await _wait_for_stop()
+            with _stop_signals() as stopping:
+                for warning in vm.warnings:
+                    click.echo(f"warning: {warning}", err=True)
+                click.echo(f"Serving at {server.url()}")
+                click.echo(f"Data directory: {data_dir.resolve()}")
+                click.echo(f"Call log URL: {vm.call_log.url}")
+                click.echo(f"Files archive URL: {vm.files_archive.url}")
+                methods = rpc_methods(vm.methods)
+                click.echo(f"Methods: {', '.join(methods) or '(none)'}")
+                if len(methods) < len(vm.methods):
+                    click.echo(
+                        f"warning: the script exports {HANDSHAKE!r}, which the protocol "
+                        "answers itself: it cannot be called over RPC",
+                        err=True,
+                    )
+                sys.stdout.flush()
+                await stopping.wait()
         finally:
             await server.close()
     finally:

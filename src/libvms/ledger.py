@@ -171,28 +171,41 @@ class Ledger:
         self._check(seq, data)
         return data
 
-    def raw_range(self, start: int, end: int) -> list[bytes]:
-        """Canonical bytes of entries ``start`` (inclusive) to ``end`` (exclusive)."""
+    def raw_range(self, start: int, end: int, *, max_bytes: int | None = None) -> list[bytes]:
+        """Canonical bytes of entries ``start`` (inclusive) to ``end`` (exclusive).
+
+        With ``max_bytes``, stops before the entry that would take the total past
+        it (the first entry always comes): what is read from disk stays bounded
+        too, whatever the entries' sizes.
+        """
         start = max(0, start)
         end = min(end, self.tree.size)
         if start >= end:
             return []
         out: list[bytes] = []
+        total = 0
         for seq, data in self.store.iterate(
             f"SELECT seq, data FROM {self._table} WHERE seq >= ? AND seq < ? ORDER BY seq",
             (start, end),
+            chunk=10_000 if max_bytes is None else 16,
         ):
             data = self._blob_column(seq, data)
             if seq != start + len(out):
                 break
+            if max_bytes is not None and out and total + len(data) > max_bytes:
+                return out
             self._check(seq, data)
             out.append(data)
+            total += len(data)
         while start + len(out) < end:
             seq = start + len(out)
             staged = self._staged.get(seq)
             if staged is None:
                 raise TamperError(f"{self.name} entry {seq} is missing", where=str(seq))
+            if max_bytes is not None and out and total + len(staged) > max_bytes:
+                return out
             out.append(staged)
+            total += len(staged)
         return out
 
     def get(self, seq: int) -> Any:

@@ -12,7 +12,6 @@ tree, a hash of the wrong length handed to the tree) raises :class:`ValueError`.
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 from collections.abc import Iterable, Sequence
 
@@ -317,118 +316,192 @@ class MerkleMap:
     * more: ``SHA-256(0x01 || R0 || R1)``, where ``R0`` and ``R1`` are the roots of
       those whose bit ``d`` (most significant bit first) is 0 and 1.
 
-    The root depends only on the map's content, never on the order of changes, and
-    a change rehashes the O(log n) tries on its key's path: the others are cached.
+    The root depends only on the map's content, never on the order of changes.
+    The map is a path-compressed trie whose nodes never change once made (only
+    their cached roots are filled in): a change makes new nodes on its key's path
+    and shares the rest, so it costs O(log n) whatever the map holds, and so does
+    the new root; :meth:`copy` costs O(1).
     """
 
-    __slots__ = ("_by_digest", "_cache", "_digests", "_keys", "_leaves", "_root")
+    __slots__ = ("_root", "_size", "_top")
 
     def __init__(self) -> None:
-        self._leaves: dict[str, bytes] = {}
-        self._by_digest: dict[bytes, bytes] = {}  # key digest -> leaf hash
-        self._keys: list[str] = []  # sorted, for prefix queries
-        self._digests: list[bytes] = []  # sorted
-        # (depth, prefix) -> root of a trie of two keys or more. A change to a key
-        # drops the entries on its path, so every entry here is current.
-        self._cache: dict[tuple[int, int], bytes] = {}
+        self._top: _Leaf | _Branch | None = None
+        self._size = 0
         self._root: bytes | None = EMPTY_ROOT
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return self._size
 
     def __contains__(self, key: object) -> bool:
-        return key in self._leaves
+        return isinstance(key, str) and self.get(key) is not None
 
     def get(self, key: str) -> bytes | None:
         """The leaf hash of ``key``, or None."""
-        return self._leaves.get(key)
+        value = _key_value(key)
+        node = self._top
+        while type(node) is _Branch:
+            node = node.right if (value >> (255 - node.depth)) & 1 else node.left
+        if type(node) is _Leaf and node.value == value:
+            return node.leaf
+        return None
 
     def keys(self) -> list[str]:
         """Every key, in order."""
-        return list(self._keys)
+        return sorted(leaf.key for leaf in self._leaves())
 
     def keys_with_prefix(self, prefix: str) -> list[str]:
-        """The keys that start with ``prefix``, in order (they are adjacent)."""
-        keys = self._keys
-        lo = bisect.bisect_left(keys, prefix)
-        hi = lo
-        while hi < len(keys) and keys[hi].startswith(prefix):
-            hi += 1
-        return keys[lo:hi]
+        """The keys that start with ``prefix``, in order."""
+        return sorted(leaf.key for leaf in self._leaves() if leaf.key.startswith(prefix))
+
+    def _leaves(self) -> Iterable[_Leaf]:
+        stack = [] if self._top is None else [self._top]
+        while stack:
+            node = stack.pop()
+            if type(node) is _Branch:
+                stack.append(node.right)
+                stack.append(node.left)
+            else:
+                yield node  # type: ignore[misc]
 
     def set(self, key: str, leaf: bytes) -> None:
         """Give ``key`` the leaf hash ``leaf``, adding the key if it is new."""
         _check_hash(leaf, "leaf hash")
-        old = self._leaves.get(key)
-        if old == leaf:
-            return
-        digest = _key_digest(key)
-        if old is None:
-            bisect.insort(self._keys, key)
-            bisect.insort(self._digests, digest)
-        self._leaves[key] = self._by_digest[digest] = bytes(leaf)
-        self._forget_path(digest)
+        value = _key_value(key)
+        new = _Leaf(value, key, bytes(leaf))
+        # Walk down to where the key is, or where it parts from the keys below.
+        path: list[tuple[_Branch, int]] = []
+        node = self._top
+        while type(node) is _Branch:
+            if (node.value ^ value) >> (256 - node.depth):
+                break  # the key parts from this subtree above its split
+            side = (value >> (255 - node.depth)) & 1
+            path.append((node, side))
+            node = node.right if side else node.left
+        if node is None:  # the map was empty
+            replacement: _Leaf | _Branch = new
+            self._size += 1
+        elif type(node) is _Leaf and node.value == value:
+            if node.leaf == new.leaf:
+                return
+            replacement = new
+        else:
+            # A new split where the key's bits first differ from the subtree's.
+            depth = 256 - (node.value ^ value).bit_length()
+            if (value >> (255 - depth)) & 1:
+                replacement = _Branch(depth, value, node, new)
+            else:
+                replacement = _Branch(depth, value, new, node)
+            self._size += 1
+        self._top = _rebuild_path(path, replacement)
+        self._root = None
 
     def delete(self, key: str) -> None:
         """Remove ``key``; :class:`KeyError` if it is absent."""
-        del self._leaves[key]
-        digest = _key_digest(key)
-        del self._by_digest[digest]
-        self._forget_path(digest)
-        del self._keys[bisect.bisect_left(self._keys, key)]
-        del self._digests[bisect.bisect_left(self._digests, digest)]
+        value = _key_value(key)
+        path: list[tuple[_Branch, int]] = []
+        node = self._top
+        while type(node) is _Branch:
+            side = (value >> (255 - node.depth)) & 1
+            path.append((node, side))
+            node = node.right if side else node.left
+        if node is None or node.value != value:
+            raise KeyError(key)
+        # The leaf's parent split goes; its other side takes the parent's place.
+        replacement: _Leaf | _Branch | None = None
+        if path:
+            parent, side = path.pop()
+            replacement = parent.left if side else parent.right
+        self._top = _rebuild_path(path, replacement) if replacement is not None else None
+        self._size -= 1
+        self._root = None
 
     def copy(self) -> MerkleMap:
-        """An independent copy."""
+        """An independent copy (the nodes are shared: none of them ever changes)."""
         other = MerkleMap.__new__(MerkleMap)
-        other._leaves = dict(self._leaves)
-        other._by_digest = dict(self._by_digest)
-        other._keys = list(self._keys)
-        other._digests = list(self._digests)
-        other._cache = dict(self._cache)
+        other._top = self._top
+        other._size = self._size
         other._root = self._root
         return other
 
     def root(self) -> bytes:
         """The trie root described above; the empty root when the map is empty."""
         if self._root is None:
-            self._root = self._subtree(0, 0, 0, len(self._digests))
+            top = self._top
+            self._root = EMPTY_ROOT if top is None else _node_root(top, 0)
         return self._root
 
-    def _forget_path(self, digest: bytes) -> None:
-        """Drop the cached tries on ``digest``'s path (it must be in the sorted digests).
 
-        They are the ones that hold it and its nearest neighbour: deeper on its
-        path it is alone, and a trie of one key is never cached.
-        """
-        self._root = None
-        digests, value = self._digests, int.from_bytes(digest, "big")
-        i = bisect.bisect_left(digests, digest)
-        shared = 0  # how many leading bits the digest shares with its nearest neighbour
-        for j in (i - 1, i + 1 if i < len(digests) and digests[i] == digest else i):
-            if 0 <= j < len(digests):
-                other = int.from_bytes(digests[j], "big")
-                shared = max(shared, 256 - (value ^ other).bit_length())
-        cache = self._cache
-        for depth in range(min(shared, 255) + 1):
-            cache.pop((depth, value >> (256 - depth)), None)
+class _Leaf:
+    """One key of a :class:`MerkleMap`: its digest as an integer, the key, its leaf hash."""
 
-    def _subtree(self, depth: int, prefix: int, lo: int, hi: int) -> bytes:
-        """Root of the digests ``[lo, hi)``, which all begin with the ``depth`` bits ``prefix``."""
-        if hi - lo < 2:
-            return self._by_digest[self._digests[lo]] if hi > lo else EMPTY_ROOT
-        cached = self._cache.get((depth, prefix))
-        if cached is not None:
-            return cached
-        digests = self._digests
-        # The first digest in the range whose bit `depth` is 1.
-        boundary = (((prefix << 1) | 1) << (255 - depth)).to_bytes(32, "big")
-        mid = bisect.bisect_left(digests, boundary, lo, hi)
-        left = self._subtree(depth + 1, prefix << 1, lo, mid)
-        right = self._subtree(depth + 1, (prefix << 1) | 1, mid, hi)
-        node = _sha256(_NODE_PREFIX + left + right).digest()
-        self._cache[(depth, prefix)] = node
-        return node
+    __slots__ = ("key", "leaf", "value")
+
+    def __init__(self, value: int, key: str, leaf: bytes) -> None:
+        self.value = value
+        self.key = key
+        self.leaf = leaf
+
+
+class _Branch:
+    """Keys whose digests share their first ``depth`` bits (those of ``value``) and
+    part at bit ``depth``: ``left`` holds the 0s, ``right`` the 1s, neither empty.
+
+    ``cached`` is the root of these keys seen from depth ``cached_from`` (above
+    ``depth``, every level they all share adds a node with one empty side): the
+    same for every map that shares the branch, so it is kept once computed.
+    """
+
+    __slots__ = ("cached", "cached_from", "depth", "left", "right", "value")
+
+    def __init__(
+        self, depth: int, value: int, left: _Leaf | _Branch, right: _Leaf | _Branch
+    ) -> None:
+        self.depth = depth
+        self.value = value
+        self.left = left
+        self.right = right
+        self.cached: bytes | None = None
+        self.cached_from = 0
+
+
+def _rebuild_path(path: list[tuple[_Branch, int]], node: _Leaf | _Branch) -> _Leaf | _Branch:
+    """New branches for ``path`` (top first, with the side taken at each) whose
+    bottom child is now ``node``; returns the new top."""
+    for branch, side in reversed(path):
+        if side:
+            node = _Branch(branch.depth, branch.value, branch.left, node)
+        else:
+            node = _Branch(branch.depth, branch.value, node, branch.right)
+    return node
+
+
+_EMPTY_SIDE = EMPTY_ROOT  # the side of a level all the keys below share: no key
+
+
+def _node_root(node: _Leaf | _Branch, depth: int) -> bytes:
+    """The root of ``node``'s keys seen from ``depth`` (they share its first bits)."""
+    if type(node) is _Leaf:
+        return node.leaf
+    branch: _Branch = node  # type: ignore[assignment]
+    if branch.cached is not None and branch.cached_from == depth:
+        return branch.cached
+    d = branch.depth
+    root = _sha256(
+        _NODE_PREFIX + _node_root(branch.left, d + 1) + _node_root(branch.right, d + 1)
+    ).digest()
+    value = branch.value
+    for level in range(d - 1, depth - 1, -1):
+        if (value >> (255 - level)) & 1:
+            root = _sha256(_NODE_PREFIX + _EMPTY_SIDE + root).digest()
+        else:
+            root = _sha256(_NODE_PREFIX + root + _EMPTY_SIDE).digest()
+    branch.cached, branch.cached_from = root, depth
+    return root
+
+
+def _key_value(key: str) -> int:
+    return int.from_bytes(_key_digest(key), "big")
 
 
 def _key_digest(key: str) -> bytes:

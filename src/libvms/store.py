@@ -350,6 +350,22 @@ class _Writer:
             self._proc.stdout.close()
 
 
+# SQLite's primary result codes for a disk or system that failed, not for data
+# that is not what was written: busy, locked, no memory, read-only, I/O error,
+# disk full, cannot open, no permission.
+_SYSTEM_FAILURES = frozenset({3, 5, 6, 7, 8, 10, 13, 14, 23})
+
+
+def _read_error(exc: sqlite3.DatabaseError, what: str, where: str) -> LibVMSError:
+    """A failed read as the error it is: :class:`StoreError` when the disk or the
+    system failed (``disk I/O error``, ``database or disk is full``), else
+    :class:`TamperError` (a corrupt page, a file that is not a database)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int) and code & 0xFF in _SYSTEM_FAILURES:
+        return StoreError(f"{what}: {exc}; the data may be intact, check the disk and retry")
+    return TamperError(f"{what}: {exc}", where=where)
+
+
 def _exact(value: Any) -> Any:
     """A subclass of ``str``, ``int``, ``float`` or ``bytes`` (bool aside) as the base
     value SQLite stores for it; anything else as it is.
@@ -408,7 +424,7 @@ class Store:
             self._conn = writer.connect(target)
             self._conn.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
-            raise TamperError(f"database {target} is unreadable: {exc}", where=target) from exc
+            raise _read_error(exc, f"database {target} is unreadable", target) from exc
         self._pending: list[Write] = []
         self._hooks: list[tuple[Hook, Callable[[], None]]] = []
         self._waiters: list[asyncio.Future[None]] = []
@@ -497,7 +513,7 @@ class Store:
             with self._lock:
                 return self._conn.execute(sql, params).fetchall()
         except sqlite3.DatabaseError as exc:
-            raise TamperError(f"database read failed: {exc}", where=str(self.path)) from exc
+            raise _read_error(exc, "database read failed", str(self.path)) from exc
 
     def iterate(self, sql: str, params: Sequence[Any] = (), chunk: int = 10_000) -> Iterable[Any]:
         """Yield rows of a read query in chunks, without holding them all in memory."""
@@ -510,7 +526,7 @@ class Store:
                 with self._lock:
                     rows = cursor.fetchmany(chunk)
         except sqlite3.DatabaseError as exc:
-            raise TamperError(f"database read failed: {exc}", where=str(self.path)) from exc
+            raise _read_error(exc, "database read failed", str(self.path)) from exc
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[None]:
@@ -521,7 +537,13 @@ class Store:
             try:
                 yield
             finally:
-                self._conn.execute("COMMIT")
+                try:
+                    self._conn.execute("COMMIT")
+                except sqlite3.Error:
+                    # Only reads happened: nothing to keep, and a read that met the
+                    # damage (a corrupt page, say) raised what it found already.
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.execute("ROLLBACK")
 
     def execute_now(self, sql: str, params: Sequence[Any] = ()) -> None:
         """Run one write immediately in its own transaction (schema setup, tests)."""

@@ -55,6 +55,9 @@ from .store import DB_FILENAME, DirectoryLock, Store
 
 logger = logging.getLogger("libvms.vm")
 
+#: Most bytes of logged entries a replay reads from the log at a time.
+_REPLAY_BATCH_BYTES = 16 * 1024 * 1024
+
 #: Calls allowed to wait for a VM at once (the seed's limit).
 MAX_QUEUE = 1000
 
@@ -523,6 +526,18 @@ class BackendVM:
         self._set_exports(runtime)
 
     async def _reopen(self, directory: Path, lock: DirectoryLock | None) -> None:
+        missing = [
+            name
+            for name in (LOG_KEY_FILENAME, ARCHIVE_KEY_FILENAME)
+            if not (directory / name).exists()
+        ]
+        if missing:
+            # Opened without its keys, a ledger is a read-only copy: the VM would
+            # fail every call that writes, and log those failures for good.
+            raise LibVMSError(
+                f"{directory} holds a VM's {DB_FILENAME} but not its key file "
+                f"{missing[0]}: restore the key files from the same backup as the database"
+            )
         store = Store.open(directory, lock=lock)
         try:
             log = await CallLog.open(directory, store=store)
@@ -746,16 +761,24 @@ class BackendVM:
                 field="call.methodName",
                 expected="init",
             )
-        for base in range(start, total, 1000):
-            raws = source.ledger.raw_range(base, min(total, base + 1000))
-            for offset, raw in enumerate(raws):
-                seq = base + offset
+        seq = start
+        while seq < total:
+            # Read in batches bounded in entries and in bytes (entries go up to 8 MiB).
+            raws = source.ledger.raw_range(
+                seq, min(total, seq + 1000), max_bytes=_REPLAY_BATCH_BYTES
+            )
+            for raw in raws:
+                if seq % 128 == 127:
+                    # A long replay (a VM rebuilt after an abort, an audit) must
+                    # not keep the event loop from everything else it serves.
+                    await asyncio.sleep(0)
                 entry = encoding.parse_verified(raw)
                 produced = await self._replay_entry(
                     runtime, archive, entry, seq, init_leaf, runs_init, identity
                 )
                 self._last_timestamp = max(self._last_timestamp, int(entry["call"]["timestamp"]))
                 yield seq, entry, raw, produced
+                seq += 1
 
     async def _replay_entry(
         self,

@@ -35,6 +35,7 @@ signals meant for the terminal's process group (Ctrl-C) do not reach it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import marshal
 import os
 import sqlite3
@@ -138,7 +139,11 @@ def run(
             values.append(value)
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # A failed COMMIT (disk full, an I/O error) may have rolled back already:
+        # then ROLLBACK fails too, and its error must not hide the real one.
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
         raise
     return values
 

@@ -60,6 +60,29 @@ async def test_list_bounds_are_start_inclusive_end_exclusive():
     await log.close()
 
 
+@pytest.mark.parametrize("committed", [True, False])
+async def test_raw_range_stops_at_a_byte_budget_but_always_gives_one_entry(tmp_path, committed):
+    log = await CallLog.create(tmp_path, "", "u")
+    sizes = [10, 3000, 200, 5000, 50, 50]
+    for i, n in enumerate(sizes):
+        log.stage({"type": "note", "i": i, "pad": "x" * n})
+    if committed:
+        await log.ledger.store.flush()
+    everything = log.ledger.raw_range(1, 7)
+    assert len(everything) == 6
+    for budget in (1, 100, 3100, 3500, 10_000, 100_000):
+        for start in range(1, 7):
+            page = log.ledger.raw_range(start, 7, max_bytes=budget)
+            assert page == everything[start - 1 : start - 1 + len(page)]
+            assert len(page) >= 1
+            total = sum(map(len, page))
+            assert len(page) == 1 or total <= budget
+            if start - 1 + len(page) < 6:  # stopped early: the next one would not fit
+                assert total + len(everything[start - 1 + len(page)]) > budget
+    await log.ledger.store.flush()
+    await log.close()
+
+
 async def test_reopen_keeps_entries_and_key(tmp_path):
     log = await CallLog.create(tmp_path, "code", "u")
     await log.append_call(method_name="m", args=[1, 2], res=3, files_version=1)

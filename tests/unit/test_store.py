@@ -414,3 +414,55 @@ def test_a_writer_whose_parent_is_gone_commits_and_exits_quietly(tmp_path: Path)
     assert proc.returncode == 0
     assert err == b""
     assert sqlite3.connect(db).execute("SELECT v FROM t").fetchall() == [(7,)]
+
+
+async def test_a_full_disk_fails_the_commit_with_its_own_cause_and_keeps_what_was_committed(
+    tmp_path: Path,
+) -> None:
+    import resource
+
+    log = await CallLog.create(tmp_path, "code", "libvms:files")
+    writer_process = log.ledger.store._writer
+    assert writer_process is not None
+    # From here on the writer may not grow a file past 256 KiB: the disk is full.
+    limit = 256 * 1024
+    resource.prlimit(writer_process._proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
+    acknowledged = 0
+    with pytest.raises(StoreError) as info:
+        for i in range(1000):
+            await log.append({"type": "note", "i": i, "pad": "p" * 2000})
+            acknowledged += 1
+    assert "disk I/O error" in str(info.value) or "full" in str(info.value)
+    assert "cannot rollback" not in str(info.value)
+    with contextlib.suppress(StoreError):
+        await log.close()
+    reopened = await CallLog.open(tmp_path)
+    assert reopened.length >= 1 + acknowledged
+    await reopened.close()
+
+
+def test_a_disk_that_fails_is_a_store_error_not_tampering(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    # A first deploy on a disk that takes no more than 12 KiB per file.
+    program = (
+        "import asyncio, resource, sys\n"
+        "from libvms import BackendVM, TamperError\n"
+        "from libvms.store import StoreError\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (12 * 1024, 12 * 1024))\n"
+        "try:\n"
+        "    asyncio.run(BackendVM('exports.f = () => 1').deploy(dir=sys.argv[1]))\n"
+        "except StoreError as exc:\n"
+        "    print('StoreError', exc)\n"
+        "except TamperError as exc:\n"
+        "    print('TamperError', exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program, str(tmp_path / "vm")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout.startswith("StoreError "), (done.stdout, done.stderr)
+    assert "check the disk" in done.stdout

@@ -176,6 +176,31 @@ async def test_rebuilding_after_an_abort_does_not_show_old_console_lines_again(c
     await vm.close()
 
 
+async def test_the_event_loop_keeps_serving_while_an_abort_rebuilds_the_state():
+    vm = await deployed(
+        code="exports.add = (a, b) => a + b\nexports.spin = () => { for (;;) {} }",
+        call_timeout=0.3,
+    )
+    for start in range(0, 2048, 256):
+        await asyncio.gather(*(vm.execute_call("add", [i, 1]) for i in range(start, start + 256)))
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    task = asyncio.get_running_loop().create_task(ticker())
+    await asyncio.sleep(0)
+    with pytest.raises(LimitExceeded):
+        await vm.execute_call("spin")  # then 2,048 calls are replayed
+    task.cancel()
+    assert ticks >= 2048 // 128 - 1
+    assert await vm.execute_call("add", [1, 1]) == 2
+    await vm.close()
+
+
 async def test_replay_rejects_the_wrong_files_url():
     vm = await deployed()
     other = await FilesArchive.create(None, "other")
@@ -303,6 +328,25 @@ async def test_key_files_without_their_database_are_never_replaced(tmp_path):
     with pytest.raises(LibVMSError, match=r"holds key files, but its libvms\.db holds nothing"):
         await BackendVM(SCRIPT).deploy(dir=tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.glob("*.key")} == keys
+
+
+@pytest.mark.parametrize("lost", ["call-log.key", "files-archive.key"])
+async def test_a_database_without_its_key_files_is_refused_not_run_read_only(tmp_path, lost):
+    # A database restored without its keys: run read-only, every write would fail
+    # and be logged as the call's result, and the directory never audit again.
+    vm = await deployed(tmp_path)
+    await vm.execute_call("writeToFile", ["kept"])
+    await vm.close()
+    key = (tmp_path / lost).read_bytes()
+    (tmp_path / lost).unlink()
+    with pytest.raises(LibVMSError, match=f"not its key file {lost}: restore"):
+        await BackendVM(SCRIPT).deploy(dir=tmp_path)
+    assert _open_stores_in(tmp_path) == []
+    (tmp_path / lost).write_bytes(key)
+    again = await deployed(tmp_path)
+    await again.execute_call("writeToFile", ["more"])
+    assert await again.files_archive.read_file("/file") == "more"
+    await again.close()
 
 
 async def test_a_deploy_cancelled_while_init_runs_commits_nothing(tmp_path):

@@ -444,7 +444,7 @@ class RPCServer:
             end = min(end, start + protocol.MAX_ENTRIES_PER_PAGE)
             page: list[bytes] = []
             total = 0
-            for data in ledger.raw_range(start, end):
+            for data in ledger.raw_range(start, end, max_bytes=protocol.MAX_PAGE_BYTES):
                 if page and total + len(data) + 1 > protocol.MAX_PAGE_BYTES:
                     break
                 page.append(data)
