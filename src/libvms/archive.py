@@ -703,15 +703,16 @@ class FilesArchive(_Reader):
 
     async def history(self) -> list[dict[str, Any]]:
         """Every mutation: ``{"version", "type", "path"}``, oldest first."""
+        # Stored entries are verified canonical JSON: the quick parser reads them.
         return history_of(
-            [encoding.parse(d) for d in self._ledger.raw_range(1, self._ledger.length)]
+            [encoding.parse_verified(d) for d in self._ledger.raw_range(1, self._ledger.length)]
         )
 
     async def checkout(self, version: int) -> ArchiveView:
         """A read-only view of the archive as it was at ``version``."""
         if not 1 <= version <= self.version:
             raise NotFoundError(f"version {version} does not exist (1..{self.version})")
-        entries = [encoding.parse(d) for d in self._ledger.raw_range(0, version)]
+        entries = [encoding.parse_verified(d) for d in self._ledger.raw_range(0, version)]
         return ArchiveView(self, _replay(entries, version), version)
 
     # -- blobs -----------------------------------------------------------------
@@ -931,7 +932,7 @@ class ArchiveTransaction(_Reader):
 
     def history(self) -> list[dict[str, Any]]:
         committed = [
-            encoding.parse(d)
+            encoding.parse_verified(d)
             for d in self._archive._ledger.raw_range(1, self._archive._ledger.length)
         ]
         return history_of(committed + self.entries)

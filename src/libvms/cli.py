@@ -466,8 +466,12 @@ async def _connected(
     await client.connect()
     try:
         yield client
-    finally:
-        await client.close()
+    except BaseException:
+        # Timed out, interrupted or failed: a server still busy with the call
+        # would keep the close handshake waiting.
+        await client.close(wait=False)
+        raise
+    await client.close()
 
 
 def _check_method(client: RPCClient, method: str) -> None:
@@ -960,11 +964,13 @@ async def _open_log(source: str) -> CallLog:
     return await remote.fetch_call_log(url)
 
 
-async def _read_log(source: str, start: int, end: int | None) -> _LogSlice:
+async def _read_log(source: str, start: int, end: int | None, tail: int | None) -> _LogSlice:
     log = await _open_log(source)
     try:
         last = log.length if end is None else min(end, log.length)
         first = min(start, last)
+        if tail is not None:
+            first = max(first, last - tail)
         entries = [await log.get_raw(seq) for seq in range(first, last)]
         return _LogSlice(log.url, log.length, first, entries)
     finally:
@@ -1088,9 +1094,15 @@ def _print_table(view: _LogSlice) -> None:
     help="Index after the last entry.  [default: the log's length]",
 )
 @click.option(
+    "--tail",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Only the last N entries (of those --start and --end select).",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Print each entry as canonical JSON, one per line."
 )
-def log_(source: str, start: int, end: int | None, as_json: bool) -> None:
+def log_(source: str, start: int, end: int | None, tail: int | None, as_json: bool) -> None:
     """Print the entries of a call log.
 
     URL_OR_DIR is a VM's data directory, a VM's URL (ws://host:port/, whose
@@ -1098,7 +1110,7 @@ def log_(source: str, start: int, end: int | None, as_json: bool) -> None:
     Fetched entries are verified against the call log's key, and a directory
     against its signed checkpoint, before anything is printed.
     """
-    view = _run(_read_log(source, start, end))
+    view = _run(_read_log(source, start, end, tail))
     if as_json:
         for raw in view.entries:
             click.echo(raw.decode("utf-8"))

@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -262,7 +263,9 @@ def test_log_from_the_vm_url_and_the_call_log_url(served: Served):
     table = start("log", served.url)
     everything = start("log", call_log_url, "--json")
     one = start("log", call_log_url, "--json", "--start", "1", "--end", "2")
+    last_two = start("log", served.url, "--json", "--tail", "2")
     lines = finish(everything).stdout.splitlines()
+    assert finish(last_two).stdout.splitlines() == lines[-2:]
     first = json.loads(lines[0])
     assert first["type"] == "init"
     assert first["code"] == COUNTER.read_text()
@@ -395,12 +398,15 @@ async def test_tampered_directory_fails_in_one_line(tmp_path: Path):
 def test_call_gives_up_after_its_timeout(tmp_path: Path):
     script = tmp_path / "spin.js"
     script.write_text("exports.spin = () => { for (;;) {} }\nexports.ok = () => 1\n")
-    vm = Served(tmp_path, script, "--call-timeout", "3")
+    vm = Served(tmp_path, script, "--call-timeout", "4")
     try:
-        # Its own timeout, not the server's limit (which would name TimeLimitExceeded).
+        # Its own timeout, not the server's limit (which would name TimeLimitExceeded),
+        # and at once: not once the busy server answers the close, when the spin ends.
+        began = time.monotonic()
         assert failure(finish(start("call", vm.url, "spin", "--timeout", "0.5"))) == (
             "error: timed out"
         )
+        assert time.monotonic() - began < 3.5
         assert libvms("call", vm.url, "ok", "--timeout", "30").strip() == "1"
     finally:
         vm.close()

@@ -142,6 +142,16 @@ async def test_a_huge_message_is_dropped_by_the_websocket_layer(served):
     await still_works(server)
 
 
+async def test_the_client_says_why_the_server_closed_on_it(served):
+    # The server's reason when it gave one; what the code means when it did not.
+    _, server, _ = served
+    for size, said in ((5000, "4096-byte limit"), (50_000, "larger than the server accepts")):
+        async with RPCClient(server.url()) as client:
+            with pytest.raises(ConnectError, match=r"closed \(code 1009\): .*" + said):
+                await client.echo("x" * size)
+    await still_works(server)
+
+
 async def test_the_default_limit_is_one_mebibyte():
     vm, server, _ = await start()
     try:

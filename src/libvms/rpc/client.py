@@ -58,6 +58,13 @@ def _describe(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+#: What a close code says, where the server's close frame gave no reason.
+_CLOSE_CODES = {
+    1001: "the server is going away (closed, or the VM unmounted)",
+    1009: "a message was larger than the server accepts (1 MiB unless configured)",
+}
+
+
 class RPCClient:
     """A connection to one VM served by an :class:`~libvms.rpc.server.RPCServer`.
 
@@ -187,11 +194,16 @@ class RPCClient:
         self._log = log_identity(info.call_log_public_key)
         self._verifier = info.call_log_verifier
 
-    async def close(self) -> None:
-        """Close the connection; calls still waiting fail with ConnectError."""
+    async def close(self, *, wait: bool = True) -> None:
+        """Close the connection; calls still waiting fail with ConnectError.
+
+        ``wait=False`` drops it without waiting (up to 5 s) for the server to
+        answer the close: for a server busy with a long call, say, after a
+        ``call_timeout``.
+        """
         ws, self._ws = self._ws, None
         self._fail_pending(ConnectError("the client was closed"))
-        if ws is not None:
+        if ws is not None and wait:
             with contextlib.suppress(Exception):
                 await ws.close()
         await self._drop()
@@ -217,8 +229,15 @@ class RPCClient:
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse[bool]) -> None:
         error: LibVMSError | None = None
+        closing = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED)
+        said = ""  # the reason in the server's close frame
         try:
-            async for msg in ws:
+            while True:
+                msg = await ws.receive()
+                if msg.type in closing:
+                    if msg.type is aiohttp.WSMsgType.CLOSE and isinstance(msg.extra, str):
+                        said = msg.extra
+                    break
                 if msg.type is not aiohttp.WSMsgType.TEXT:
                     error = ConnectError(f"{self._url} sent a non-text message")
                     break
@@ -240,10 +259,9 @@ class RPCClient:
         finally:
             if error is None:
                 code = ws.close_code
-                reason = ""
                 problem = ws.exception()
-                if problem is not None:
-                    reason = f": {problem}"
+                why = said or _CLOSE_CODES.get(code or 0, "") or (str(problem) if problem else "")
+                reason = f": {why}" if why else ""
                 error = ConnectError(f"connection to {self._url} closed (code {code}){reason}")
             else:
                 with contextlib.suppress(Exception):
