@@ -422,16 +422,23 @@ class Store:
         target = ":memory:" if path is None else str(path)
         try:
             self._conn = writer.connect(target)
-            self._conn.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise _read_error(exc, f"database {target} is unreadable", target) from exc
+        try:
+            self._conn.executescript(_SCHEMA)
+            # Started now, so that its start-up overlaps whatever comes before the
+            # first commit.
+            self._writer: _Writer | None = None if path is None else _Writer(path, inherit)
+        except BaseException as exc:
+            self._conn.close()  # nothing may stay open: not even out of file descriptors
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise _read_error(exc, f"database {target} is unreadable", target) from exc
+            raise
         self._pending: list[Write] = []
         self._hooks: list[tuple[Hook, Callable[[], None]]] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._inflight: _Commit | None = None
         self._pump_scheduled = False
-        # Started now, so that its start-up overlaps whatever comes before the first commit.
-        self._writer: _Writer | None = None if path is None else _Writer(path, inherit)
         self._reading: asyncio.AbstractEventLoop | None = None  # watches the writer's replies
         self._failed: BaseException | None = None
         self.commits = 0

@@ -1,13 +1,14 @@
 """Bad input over RPC: each case gets a clear error or a clean close, and nothing else breaks."""
 
 import asyncio
+import contextlib
 import json
 import logging
 
 import aiohttp
 import pytest
 
-from libvms.errors import ConnectError, QueueFullError, RPCError
+from libvms.errors import ConnectError, LibVMSError, QueueFullError, RPCError
 from libvms.rpc import ErrorCode, RPCClient, RPCServer
 from libvms.vm import BackendVM
 
@@ -334,3 +335,31 @@ async def test_a_malformed_http_request_gets_400_and_one_log_line(served, caplog
     assert records[0].levelno == logging.INFO and records[0].exc_info is None
     assert records[0].getMessage().startswith("refused a malformed HTTP request from 127.0.0.1: ")
     await still_works(server)
+
+
+async def test_a_vm_whose_storage_failed_is_refused_and_the_operator_told_once(tmp_path, caplog):
+    vm = BackendVM(SCRIPT)
+    await vm.deploy(tmp_path)
+    server = RPCServer(vm, port=0)
+    await server.start()
+    try:
+        async with RPCClient(server.url()) as client:
+            assert await client.foo() == "bar"
+            writer = vm.call_log.ledger.store._writer
+            writer._proc.kill()  # the disk, or the writer process, is gone
+            writer._proc.wait()
+            caplog.set_level(logging.ERROR, logger="libvms.rpc")
+            for _ in range(3):
+                with pytest.raises(RPCError) as info:
+                    await client.foo()
+                assert info.value.code in (ErrorCode.UNAVAILABLE,)
+        told = [r for r in caplog.records if "takes no more calls" in r.getMessage()]
+        assert len(told) == 1
+        # Auditors can still read what was committed.
+        checkpoint = vm.call_log.location + "/checkpoint"
+        async with aiohttp.ClientSession() as http, http.get(checkpoint) as response:
+            assert response.status == 200
+    finally:
+        await server.close()
+        with contextlib.suppress(LibVMSError):
+            await vm.close()

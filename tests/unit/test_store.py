@@ -466,3 +466,28 @@ def test_a_disk_that_fails_is_a_store_error_not_tampering(tmp_path: Path) -> Non
     )
     assert done.stdout.startswith("StoreError "), (done.stdout, done.stderr)
     assert "check the disk" in done.stdout
+
+
+def test_a_writer_that_cannot_start_leaves_nothing_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from libvms import store as store_module
+
+    opened: list[sqlite3.Connection] = []
+    real_connect = writer_module.connect
+
+    def connect(target: str) -> sqlite3.Connection:
+        opened.append(real_connect(target))
+        return opened[-1]
+
+    def no_process(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(writer_module, "connect", connect)
+    monkeypatch.setattr(store_module, "_Writer", no_process)
+    with pytest.raises(OSError, match="Too many open files"):
+        Store.open(tmp_path)
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        opened[0].execute("SELECT 1")

@@ -136,6 +136,8 @@ class _Mount:
     durable: dict[str, tuple[str, int]] = field(default_factory=dict)
     set_locations: bool = False
     closed: bool = False
+    #: Whether the operator was told that the VM stopped taking calls.
+    failure_logged: bool = False
 
     @property
     def prefix(self) -> str:
@@ -722,6 +724,15 @@ class RPCServer:
                 return refuse(ErrorCode.METHOD_NOT_FOUND, exc.message)
             return refuse(ErrorCode.INVALID_PARAMS, exc.message)
         except LibVMSError as exc:
+            if not mount.failure_logged and not mount.closed:
+                # Once: every call after it gets the same refusal.
+                mount.failure_logged = True
+                logger.error(
+                    "the VM at %s takes no more calls: %s (its ledgers still serve "
+                    "auditors; restart it to go on, the directory reopens)",
+                    mount.path,
+                    exc,
+                )
             return refuse(ErrorCode.UNAVAILABLE, f"the VM cannot take calls: {exc}")
         receipt = None if signed is None else await self._receipt(mount, result.seq)
         error = result.error
