@@ -252,7 +252,19 @@ class _Tree(_Nodes):
         return self.children[path]
 
     def under(self, prefix: str) -> list[str]:
-        return self.leaves.keys_with_prefix(prefix)
+        # Walks the directory's own subtree: costs what it finds, not the archive.
+        found: list[str] = []
+        pending = [prefix[:-1] or "/"]
+        while pending:
+            directory = pending.pop()
+            head = "" if directory == "/" else directory
+            for name in self.children.get(directory, ()):
+                path = f"{head}/{name}"
+                found.append(path)
+                if path in self.children:
+                    pending.append(path)
+        found.sort()
+        return found
 
     def put(self, path: str, node: Stat) -> None:
         if path not in self.nodes:

@@ -47,6 +47,8 @@ from .errors import EncodingError, LibVMSError, VMCallError
 if TYPE_CHECKING:
     import asyncio
 
+    from rich.text import Text
+
     from .evidence import Evidence, Finding
     from .keys import Keypair
     from .log import CallLog
@@ -934,6 +936,7 @@ class _LogSlice:
     length: int
     start: int
     entries: list[bytes]
+    public_key: bytes  # the call log's: signed calls are bound to it
 
 
 def _is_url(source: str) -> bool:
@@ -972,7 +975,7 @@ async def _read_log(source: str, start: int, end: int | None, tail: int | None) 
         if tail is not None:
             first = max(first, last - tail)
         entries = [await log.get_raw(seq) for seq in range(first, last)]
-        return _LogSlice(log.url, log.length, first, entries)
+        return _LogSlice(log.url, log.length, first, entries, log.public_key)
     finally:
         await log.close()
 
@@ -1001,6 +1004,20 @@ def _escape(char: str) -> str:
     if point < 0x100:
         return f"\\x{point:02x}"
     return f"\\u{point:04x}" if point < 0x10000 else f"\\U{point:08x}"
+
+
+def _signed_cell(entry: dict[str, Any], seq: int, log_key: bytes) -> Text:
+    """The signed column: "yes" for a call whose signature verifies, "FORGED" for one
+    that claims a signature that does not; empty for a debug-mode id (a claim)."""
+    from rich.text import Text
+
+    from .signed import verify_call_entry
+
+    try:
+        signed = verify_call_entry(entry, log_key, index=seq)
+    except LibVMSError:
+        return Text("FORGED", style="bold red")
+    return Text("yes" if signed is not None else "")
 
 
 def _user_cell(user: object) -> str:
@@ -1069,8 +1086,7 @@ def _print_table(view: _LogSlice) -> None:
             str(seq),
             Text(_short(str(entry.get("type", "?")), 8)),
             Text(_user_cell(user)),
-            # A signed request is checked by every audit; a debug-mode id is a claim.
-            "yes" if "signed" in call else "",
+            _signed_cell(entry, seq, view.public_key),
             Text(_short(str(call.get("methodName", "")), 30)),
             Text(_short(_dump(args), 40) if args is not None else ""),
             Text(_short(outcome, 48), style=style),

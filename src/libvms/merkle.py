@@ -350,10 +350,6 @@ class MerkleMap:
         """Every key, in order."""
         return sorted(leaf.key for leaf in self._leaves())
 
-    def keys_with_prefix(self, prefix: str) -> list[str]:
-        """The keys that start with ``prefix``, in order."""
-        return sorted(leaf.key for leaf in self._leaves() if leaf.key.startswith(prefix))
-
     def _leaves(self) -> Iterable[_Leaf]:
         stack = [] if self._top is None else [self._top]
         while stack:

@@ -360,6 +360,8 @@ def _read_error(exc: sqlite3.DatabaseError, what: str, where: str) -> LibVMSErro
     """A failed read as the error it is: :class:`StoreError` when the disk or the
     system failed (``disk I/O error``, ``database or disk is full``), else
     :class:`TamperError` (a corrupt page, a file that is not a database)."""
+    if isinstance(exc, sqlite3.ProgrammingError):  # a closed connection: our own doing
+        return StoreError(f"{what}: {exc}")
     code = getattr(exc, "sqlite_errorcode", None)
     if isinstance(code, int) and code & 0xFF in _SYSTEM_FAILURES:
         return StoreError(f"{what}: {exc}; the data may be intact, check the disk and retry")

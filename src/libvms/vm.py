@@ -452,18 +452,19 @@ class BackendVM:
             raise LibVMSError("this VM is already deployed")
         if self._closed:
             raise LibVMSError("this VM is closed")
-        lock = None if dir is None else await DirectoryLock.acquire(dir)
-        try:
-            if dir is not None and Store.exists(dir) and not _discard_uncommitted(Path(dir)):
-                await self._reopen(Path(dir), lock)
-                self._dir_lock = lock
-                return
-            await self._create(dir, title, lock)
-        except BaseException:
-            if lock is not None:
-                lock.release()
-            raise
-        self._dir_lock = lock
+        # Held throughout, so that close() waits for the deploy, then undoes it.
+        async with self._lock:
+            lock = None if dir is None else await DirectoryLock.acquire(dir)
+            try:
+                if dir is not None and Store.exists(dir) and not _discard_uncommitted(Path(dir)):
+                    await self._reopen(Path(dir), lock)
+                else:
+                    await self._create(dir, title, lock)
+            except BaseException:
+                if lock is not None:
+                    lock.release()
+                raise
+            self._dir_lock = lock
 
     async def _create(self, dir: str | Path | None, title: str, lock: DirectoryLock | None) -> None:
         """Deploy afresh in one commit."""
@@ -498,8 +499,7 @@ class BackendVM:
         try:
             if _runs_init(runtime):
                 # Its entry joins the same commit as everything staged above.
-                async with self._lock:
-                    result = await self._execute("init", [], None, None, True)
+                result = await self._execute("init", [], None, None, True)  # deploy holds the lock
                 if result.error is not None:
                     error = result.error
                     raise ScriptError(
@@ -510,7 +510,8 @@ class BackendVM:
             # Cancelled, interrupted, init failed, or the commit failed: nothing of
             # the deploy may be committed now (a commit already under way completes).
             store.discard_staged()
-            await self.close()
+            self._closed = True
+            await self._release()
             raise
         self._deployed = True
         if marker is not None:
@@ -974,20 +975,24 @@ class BackendVM:
             return
         self._closed = True
         async with self._lock:
-            if self._runtime is not None:
-                self._runtime.close()
-                self._runtime = None
+            await self._release()
+
+    async def _release(self) -> None:
+        """Close the sandbox, the ledgers and the directory lock (with the VM's lock held)."""
+        if self._runtime is not None:
+            self._runtime.close()
+            self._runtime = None
+        try:
+            if self.call_log is not None:
+                await self.call_log.close()
+        finally:
             try:
-                if self.call_log is not None:
-                    await self.call_log.close()
+                if self.files_archive is not None:
+                    await self.files_archive.close()
             finally:
-                try:
-                    if self.files_archive is not None:
-                        await self.files_archive.close()
-                finally:
-                    if self._dir_lock is not None:
-                        self._dir_lock.release()
-                        self._dir_lock = None
+                if self._dir_lock is not None:
+                    self._dir_lock.release()
+                    self._dir_lock = None
 
     async def __aenter__(self) -> BackendVM:
         return self

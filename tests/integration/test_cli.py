@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import queue
 import signal
@@ -353,6 +354,9 @@ async def test_log_table_shows_callers_strings_inert_and_marks_signed_calls(tmp_
         await vm.execute_call("fail", ["boom\x1b[2J"], user_id="bob")
     async with RPCServer(vm, port=0) as server, RPCClient(server.url(), key=key) as client:
         assert await client.echo(4) == 4
+    # A host that logs a call in a signed user's name, with a signature it made up.
+    forged = {"nonce": "A" * 22, "time": 1, "sig": base64.b64encode(bytes(64)).decode()}
+    await vm.execute_call("echo", [6], user_id=key.user_id, call_fields={"signed": forged})
     await vm.close()
     assert signed.USER_ID_PREFIX in key.user_id
     shown = libvms("log", tmp_path)
@@ -362,6 +366,7 @@ async def test_log_table_shows_callers_strings_inert_and_marks_signed_calls(tmp_
     assert rows["2"].split("│")[3].strip().startswith('" ed25519:')  # quoted: not signed
     assert rows["2"].split("│")[4].strip() == ""
     assert rows["5"].split("│")[4].strip() == "yes"
+    assert rows["6"].split("│")[4].strip() == "FORGED"
 
 
 def test_limits_the_sandbox_cannot_use_are_usage_errors(tmp_path: Path):

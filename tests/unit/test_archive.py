@@ -455,3 +455,28 @@ async def test_a_commit_whose_entry_cannot_be_encoded_stages_nothing():
     assert archive._tree.state_root() == rebuilt.state_root()
     assert sorted(archive._tree.nodes) == ["/", "/after", "/kept"]
     await archive.close()
+
+
+@given(
+    st.lists(
+        st.lists(st.sampled_from(["a", "ab", "b", "a.b"]), min_size=1, max_size=4),
+        max_size=25,
+    )
+)
+def test_paths_under_a_directory_are_exactly_those_below_it(paths):
+    # Siblings that share a name's start ("/a", "/ab", "/a.b") stay out of "/a/".
+    from libvms.archive import Stat, _Tree
+
+    tree = _Tree()
+    for parts in paths:
+        for depth in range(1, len(parts) + 1):
+            path = "/" + "/".join(parts[:depth])
+            node = tree.get(path)
+            if node is None:
+                tree.put(path, Stat("dir", 0, 0))
+            elif node.kind != "dir":
+                break
+    for directory in [p for p, n in tree.nodes.items() if n.kind == "dir"]:
+        prefix = "/" if directory == "/" else directory + "/"
+        expected = sorted(p for p in tree.nodes if p != "/" and p.startswith(prefix))
+        assert tree.under(prefix if directory != "/" else "//") == expected

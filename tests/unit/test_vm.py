@@ -349,6 +349,25 @@ async def test_a_database_without_its_key_files_is_refused_not_run_read_only(tmp
     await again.close()
 
 
+async def test_close_during_a_reopen_waits_for_it_then_releases_everything(tmp_path):
+    vm = await deployed(tmp_path)
+    for start in range(0, 600, 200):
+        await asyncio.gather(*(vm.execute_call("add", [i, start]) for i in range(200)))
+    await vm.close()
+    again = BackendVM(SCRIPT)
+    deploying = asyncio.get_running_loop().create_task(again.deploy(dir=tmp_path))
+    for _ in range(3):
+        await asyncio.sleep(0)  # the reopen's replay is under way
+    await again.close()
+    await deploying  # finished (the close waited for it), not a false TamperError
+    assert _open_stores_in(tmp_path) == []
+    with pytest.raises(LibVMSError, match="closed"):
+        await again.execute_call("add", [1, 2])
+    third = await deployed(tmp_path)  # the directory lock was released
+    assert third.call_log.length == 601
+    await third.close()
+
+
 async def test_a_deploy_cancelled_while_init_runs_commits_nothing(tmp_path):
     code = """
     exports.init = async () => { await System.oracles.slow() }
