@@ -318,9 +318,11 @@ def test_bad_urls_and_refused_connections_fail_in_one_line(tmp_path: Path):
         start("log", tmp_path / "no-such-dir"),
     ]
     closed = start("repl", refused, "-e", "get")
+    no_port = start("call", "ws://127.0.0.1:99999/", "get")
     for proc in bad:
         failure(finish(proc))
-    assert "cannot connect" in failure(finish(closed))
+    assert failure(finish(closed)) == f"error: cannot connect to {refused}: connection refused"
+    assert failure(finish(no_port)).endswith("not a valid URL (a bad port or host?)")
 
 
 def test_exec_failures_are_one_line(tmp_path: Path):

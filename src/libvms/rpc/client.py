@@ -54,6 +54,13 @@ def _describe(exc: BaseException) -> str:
         return f"the server refused the WebSocket upgrade (HTTP {exc.status})"
     if isinstance(exc, asyncio.TimeoutError):
         return "timed out"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        # aiohttp's own text names its SSL setting and repeats the address.
+        if isinstance(exc.os_error, ConnectionRefusedError):
+            return "connection refused"
+        return exc.os_error.strerror or str(exc.os_error) or str(exc)
+    if isinstance(exc, aiohttp.InvalidURL):
+        return "not a valid URL (a bad port or host?)"
     text = str(exc)
     return text or type(exc).__name__
 
