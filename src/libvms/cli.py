@@ -255,7 +255,13 @@ def _caller(user: str | None, key_file: Path | None) -> tuple[str | None, Keypai
     from .keys import Keypair
 
     with expected_errors():
-        return None, Keypair.load(key_file)
+        key = Keypair.load(key_file)
+        if key_file.stat().st_mode & 0o077:
+            click.echo(
+                f"warning: {key_file} can be read by other users: `chmod 600 {key_file}`",
+                err=True,
+            )
+        return None, key
 
 
 class _ByteSize(click.ParamType):
@@ -427,14 +433,29 @@ def exec_(
     call log. The served URLs are printed, one per line; Ctrl-C or SIGTERM
     stops the server once the calls in progress are logged.
     """
+    from .store import DB_FILENAME
+    from .vm import foreign_files
+
     code = _read_script(script)
+    directory = data_dir if data_dir is not None else Path(script.stem)
+    if (directory / DB_FILENAME).exists():
+        click.echo(f"Reopening {directory}: verifying it and replaying its call log", err=True)
+    elif directory.exists():
+        if not directory.is_dir():
+            raise CLIError(f"{directory} is a file: give --dir a new or empty directory")
+        others = foreign_files(directory)
+        if others:
+            raise CLIError(
+                f"{directory} is not a VM's data directory (it holds {others[0]!r}): "
+                "give --dir a new or empty directory"
+            )
     _log_to_stderr()
     _run(
         _serve(
             code,
             host=host,
             port=port,
-            data_dir=data_dir if data_dir is not None else Path(script.stem),
+            data_dir=directory,
             title=title if title is not None else f"{script.name} files",
             call_timeout=call_timeout,
             memory_limit=memory_limit,
@@ -921,6 +942,8 @@ def keygen(file: Path) -> None:
     """
     from .keys import Keypair
 
+    if not file.name:
+        raise click.BadParameter("name a file to write the key to", param_hint="'FILE'")
     key = Keypair.generate()
     with expected_errors():
         key.save(file)

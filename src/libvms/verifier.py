@@ -297,8 +297,9 @@ class AuditReport:
     def verdict(self) -> str:
         """One line for a person: what was verified, or the first problem in plain words."""
         if self.ok and self.checkpoint is not None:
+            calls = max(self.entries - 1, 0)
             return (
-                f"Verified {max(self.entries - 1, 0)} calls up to checkpoint "
+                f"Verified {calls} {'call' if calls == 1 else 'calls'} up to checkpoint "
                 f"{self.checkpoint['size']}/{self.checkpoint['root'][:12]}"
             )
         if self.problems:

@@ -51,7 +51,7 @@ from .runtime.js import (
     JSRuntime,
     check_limits,
 )
-from .store import DB_FILENAME, DirectoryLock, Store
+from .store import DB_FILENAME, LOCK_FILENAME, DirectoryLock, Store
 
 logger = logging.getLogger("libvms.vm")
 
@@ -1069,6 +1069,24 @@ def _mark_first_deploy(directory: Path) -> Path:
     marker = directory / DEPLOYING_FILENAME
     marker.touch()
     return marker
+
+
+def foreign_files(directory: Path) -> list[str]:
+    """The names in ``directory`` that are not a VM's own files (its database, key
+    files, lock and deploy marker), sorted: a deploy there would mix them in."""
+    own = {
+        DB_FILENAME,
+        DB_FILENAME + "-wal",
+        DB_FILENAME + "-shm",
+        LOG_KEY_FILENAME,
+        ARCHIVE_KEY_FILENAME,
+        LOCK_FILENAME,
+        DEPLOYING_FILENAME,
+    }
+    try:
+        return sorted(p.name for p in directory.iterdir() if p.name not in own)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _key_files(directory: Path) -> list[Path]:

@@ -212,6 +212,15 @@ def test_signed_call_with_a_key_file(served: Served, key_file: tuple[Path, Keypa
     assert last["call"]["userId"] == key.user_id
     assert last["call"]["methodName"] == "increment"
     assert "signed" in last["call"]
+    shared = path.with_name("shared.key")
+    shared.write_bytes(path.read_bytes())
+    shared.chmod(0o644)
+    quiet, warned = (
+        finish(start("call", served.url, "get", "--key", key)) for key in (path, shared)
+    )
+    assert quiet.returncode == warned.returncode == 0
+    assert quiet.stderr == ""
+    assert warned.stderr.startswith(f"warning: {shared} can be read by other users")
 
 
 def test_call_failures(served: Served, key_file: tuple[Path, Keypair]):
@@ -303,6 +312,7 @@ def test_sigint_stops_cleanly_then_the_directory_reopens(tmp_path: Path):
         assert finish(count).stdout == "7\n"  # rebuilt by replaying the log
         assert finish(nothing).stdout == "null\n"
         assert again.stop(signal.SIGTERM) == 0
+        assert f"Reopening {data}: verifying it and replaying its call log" in again.stderr()
     finally:
         again.close()
 
@@ -327,6 +337,8 @@ def test_bad_urls_and_refused_connections_fail_in_one_line(tmp_path: Path):
 
 def test_exec_failures_are_one_line(tmp_path: Path):
     (tmp_path / "broken.js").write_text("exports.x = (\n")
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "notes.txt").write_text("mine")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -335,8 +347,11 @@ def test_exec_failures_are_one_line(tmp_path: Path):
             start("exec", tmp_path / "missing.js", "--port", "0", cwd=tmp_path),
             start("exec", tmp_path / "broken.js", "--port", "0", cwd=tmp_path),
             start("exec", COUNTER, "--port", port, "--dir", tmp_path / "busy", cwd=tmp_path),
+            start("exec", COUNTER, "--port", "0", "--dir", tmp_path / "project"),
         ]
-        missing, broken, in_use = (failure(finish(p)) for p in procs)
+        missing, broken, in_use, elsewhere = (failure(finish(p)) for p in procs)
+    assert "not a VM's data directory (it holds 'notes.txt')" in elsewhere
+    assert sorted(p.name for p in (tmp_path / "project").iterdir()) == ["notes.txt"]
     assert "missing.js" in missing
     assert "SyntaxError" in broken
     assert str(port) in in_use

@@ -203,5 +203,5 @@ async def test_verify_of_a_host_with_higher_limits_is_undecided_until_raised(tmp
             "verify", server.url(), "--state-dir", state, "--memory-limit", "256M"
         )
         assert code == 0, err
-        assert out.startswith("Verified 1 calls")
+        assert out.startswith("Verified 1 call up to")
     await vm.close()
