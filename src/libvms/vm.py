@@ -682,6 +682,9 @@ class BackendVM:
         self._queued += 1
         try:
             async with self._lock:
+                if method_name == "init" and self._deployed:
+                    # Asked for while the deploy (which runs init) held the lock.
+                    raise VMCallError("MethodNotFound", "'init' is not an exported function")
                 result = await self._execute(method_name, args, user_id, call_fields, simple)
         finally:
             self._queued -= 1

@@ -368,6 +368,18 @@ async def test_close_during_a_reopen_waits_for_it_then_releases_everything(tmp_p
     await third.close()
 
 
+async def test_init_asked_for_while_the_deploy_runs_it_is_refused(tmp_path):
+    vm = BackendVM(INIT_SCRIPT)
+    deploying = asyncio.get_running_loop().create_task(vm.deploy(dir=tmp_path))
+    while vm.call_log is None:  # the deploy has made its ledgers and is running init
+        await asyncio.sleep(0)
+    with pytest.raises(VMCallError, match="MethodNotFound"):
+        await vm.execute_call("init")
+    await deploying
+    assert [e["call"]["methodName"] for e in (await vm.call_log.list())[1:]] == ["init"]
+    await vm.close()
+
+
 async def test_a_deploy_cancelled_while_init_runs_commits_nothing(tmp_path):
     code = """
     exports.init = async () => { await System.oracles.slow() }
