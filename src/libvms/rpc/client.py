@@ -304,7 +304,19 @@ class RPCClient:
             await ws.send_str(text)
         except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
             self._pending.pop(request_id, None)
-            raise ConnectError(f"cannot send to {self._url}: {_describe(exc)}") from exc
+            if future.done():
+                # The reader saw the connection end meanwhile and failed the call:
+                # this error says it, so the future's own needs no one to see it.
+                future.exception()
+            else:
+                future.cancel()
+            hint = ""
+            if len(text) > protocol.MAX_MESSAGE_BYTES:
+                hint = (
+                    f" (the request took {len(text):,} bytes: servers refuse requests over "
+                    f"{protocol.MAX_MESSAGE_BYTES:,} unless configured otherwise)"
+                )
+            raise ConnectError(f"cannot send to {self._url}: {_describe(exc)}{hint}") from exc
         try:
             if self.call_timeout is None:
                 return await future
