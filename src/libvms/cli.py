@@ -229,8 +229,9 @@ def _caller_options(f: F) -> F:
         "--timeout",
         type=click.FloatRange(min=0, min_open=True),
         metavar="SECONDS",
-        help="Give up on a call whose reply has not come within SECONDS "
-        "(default: wait as long as it takes).",
+        help="Give up on a call whose reply has not come within SECONDS, and on "
+        "connecting after as long (default: wait as long as a call takes, and 10 s to "
+        "connect).",
     )(f)
     f = click.option(
         "--key",
@@ -482,10 +483,9 @@ def _check_vm_url(url: str) -> None:
 async def _connected(
     url: str, user: str | None, key: Keypair | None, timeout: float | None = None
 ) -> AsyncIterator[RPCClient]:
-    from .rpc.client import RPCClient
 
     _check_vm_url(url)
-    client = RPCClient(url, user=user, key=key, call_timeout=timeout)
+    client = _client(url, user, key, timeout)
     await client.connect()
     try:
         yield client
@@ -495,6 +495,16 @@ async def _connected(
         await client.close(wait=False)
         raise
     await client.close()
+
+
+def _client(url: str, user: str | None, key: Keypair | None, timeout: float | None) -> RPCClient:
+    """A client for ``call`` and ``repl``: ``--timeout`` bounds connecting too, since
+    a server busy with a long call answers the handshake late."""
+    from .rpc.client import RPCClient
+
+    if timeout is None:
+        return RPCClient(url, user=user, key=key)
+    return RPCClient(url, user=user, key=key, call_timeout=timeout, connect_timeout=timeout)
 
 
 def _check_method(client: RPCClient, method: str) -> None:
@@ -908,12 +918,11 @@ def repl(
     Type `increment 2` or `await client.increment(2)`; `.methods` lists the
     methods, `.help` shows the syntax and `.exit` (or Ctrl-D) leaves.
     """
-    from .rpc.client import RPCClient
 
     caller, key = _caller(user, key_file)
     with _LoopThread() as loop:
         _check_vm_url(url)
-        client = RPCClient(url, user=caller, key=key, call_timeout=timeout)
+        client = _client(url, caller, key, timeout)
         with expected_errors():
             loop.run(client.connect())
         try:
