@@ -434,12 +434,12 @@ def exec_(
     call log. The served URLs are printed, one per line; Ctrl-C or SIGTERM
     stops the server once the calls in progress are logged.
     """
-    from .store import DB_FILENAME
+    from .store import DB_FILENAME, Store
     from .vm import foreign_files
 
     code = _read_script(script)
     directory = data_dir if data_dir is not None else Path(script.stem)
-    if (directory / DB_FILENAME).exists():
+    if (directory / DB_FILENAME).exists() and not Store.holds_nothing(directory):
         click.echo(f"Reopening {directory}: verifying it and replaying its call log", err=True)
     elif directory.exists():
         if not directory.is_dir():

@@ -448,12 +448,13 @@ class BackendVM:
         :class:`~libvms.errors.ScriptError`, nothing committed, the VM closed, and
         the directory deploys afresh (with the script fixed, say).
         """
-        if self._runtime is not None or self._deployed:
-            raise LibVMSError("this VM is already deployed")
-        if self._closed:
-            raise LibVMSError("this VM is closed")
-        # Held throughout, so that close() waits for the deploy, then undoes it.
+        # Held throughout, so that close() waits for the deploy, then undoes it,
+        # and a second deploy waits, then finds this one done.
         async with self._lock:
+            if self._runtime is not None or self.call_log is not None or self._deployed:
+                raise LibVMSError("this VM is already deployed")
+            if self._closed:
+                raise LibVMSError("this VM is closed")
             lock = None if dir is None else await DirectoryLock.acquire(dir)
             try:
                 if dir is not None and Store.exists(dir) and not _discard_uncommitted(Path(dir)):
@@ -645,14 +646,13 @@ class BackendVM:
         Raises only when the call is refused before it is logged (unknown
         method, arguments that are not JSON, full queue, closed VM).
         """
-        if self.call_log is None:
-            raise LibVMSError("deploy the VM before calling it")
         if self._closed:
             raise LibVMSError("this VM is closed")
+        if not self._deployed:
+            raise LibVMSError("deploy the VM before calling it")
         function = self._exports.get(method_name)
-        if not isinstance(function, _ExportedFunction) or (
-            method_name == "init" and self._deployed
-        ):
+        if not isinstance(function, _ExportedFunction) or method_name == "init":
+            # The deploy runs init, once; no call can.
             raise VMCallError("MethodNotFound", f"{method_name!r} is not an exported function")
         args = list(args)
         try:
@@ -682,9 +682,6 @@ class BackendVM:
         self._queued += 1
         try:
             async with self._lock:
-                if method_name == "init" and self._deployed:
-                    # Asked for while the deploy (which runs init) held the lock.
-                    raise VMCallError("MethodNotFound", "'init' is not an exported function")
                 result = await self._execute(method_name, args, user_id, call_fields, simple)
         finally:
             self._queued -= 1
@@ -930,6 +927,7 @@ class BackendVM:
             # A failed audit leaves no writer process or sandbox behind.
             await vm.close()
             raise
+        vm._deployed = True  # a replica: it takes calls, as the original did
         return vm
 
     async def replay_more(
@@ -971,6 +969,11 @@ class BackendVM:
                     progress(seq + 1, total)
         stats.entries = log.length
         return total - first
+
+    @property
+    def deployed(self) -> bool:
+        """Whether :meth:`deploy` (or :meth:`from_call_log`) finished and the VM is not closed."""
+        return self._deployed and not self._closed
 
     async def close(self) -> None:
         """Finish pending commits and release the ledgers and the sandbox."""
@@ -1212,6 +1215,11 @@ def differences(expected: Any, found: Any, where: str = "") -> Iterator[tuple[st
         yield where, expected, found
 
 
+def _threw_null(entry: Any) -> bool:
+    result = entry.get("result") if isinstance(entry, dict) else None
+    return isinstance(result, dict) and result.get("err") == {"name": "Error", "message": "null"}
+
+
 def compare_entry(seq: int, expected: bytes, produced: dict[str, Any], logged: Any = None) -> None:
     """Raise :class:`VerificationError` naming the first differing field unless the
     canonical bytes of ``produced`` equal ``expected``.
@@ -1231,6 +1239,16 @@ def compare_entry(seq: int, expected: bytes, produced: dict[str, Any], logged: A
     if encoding.canonical(produced) == expected:
         return
     logged = encoding.parse(expected)
+    if _threw_null(logged) or _threw_null(produced):
+        # What QuickJS throws when memory runs out so completely that it cannot
+        # make its error: where it strikes depends on the memory limit, so a run
+        # under another limit cannot decide the entry either way.
+        raise ReplayLimitError(
+            f"entry {seq}: one run ended with a thrown null (what the engine throws when "
+            "memory runs out completely) and the other did not: replay with the host's "
+            "memory_limit to decide it",
+            index=seq,
+        )
     diffs = list(differences(logged, produced))
     where, logged_value, replayed_value = diffs[0] if diffs else ("", logged, produced)
     raise VerificationError(

@@ -388,18 +388,19 @@ async def test_log_table_shows_callers_strings_inert_and_marks_signed_calls(tmp_
 def test_limits_the_sandbox_cannot_use_are_usage_errors(tmp_path: Path):
     procs = [
         start("exec", COUNTER, "--port", "0", "--dir", tmp_path / "a", *bad, cwd=tmp_path)
-        for bad in (
-            ("--memory-limit", "200K"),
-            ("--memory-limit", "99999999999G"),
-            ("--call-timeout", "nan"),
-        )
-    ] + [start("verify", "ws://127.0.0.1:1/", "--memory-limit", "64K", cwd=tmp_path)]
+        for bad in (("--memory-limit", "99999999999G"), ("--call-timeout", "nan"))
+    ] + [start("verify", "ws://127.0.0.1:1/", "--call-timeout", "inf", cwd=tmp_path)]
+    too_small = start(
+        "exec", COUNTER, "--port", "0", "--dir", tmp_path / "a", "--memory-limit", "200K"
+    )
     for proc in procs:
         result = finish(proc)
         assert result.returncode == 2, result.stderr
         assert "Traceback" not in result.stderr
         assert "Invalid value for '--" in result.stderr
-    assert not (tmp_path / "a").exists()
+    # Allowed, but too small for the sandbox to start: one line, nothing deployed.
+    assert "the sandbox itself needs more than memory_limit=204800" in failure(finish(too_small))
+    assert not (tmp_path / "a" / "libvms.db").exists()
 
 
 async def test_tampered_directory_fails_in_one_line(tmp_path: Path):

@@ -13,6 +13,7 @@ from libvms.errors import (
     LibVMSError,
     LimitExceeded,
     NotFoundError,
+    ReplayLimitError,
     ScriptError,
     TamperError,
     VerificationError,
@@ -146,7 +147,7 @@ async def test_doubles_past_2_53_in_arguments_and_results_replay_and_reopen(tmp_
 @pytest.mark.parametrize(
     ("limits", "message"),
     [
-        ({"memory_limit": 200 * 1024}, "memory_limit must be from"),
+        ({"memory_limit": 0}, "memory_limit must be from 1"),
         ({"memory_limit": 10**30}, "memory_limit must be from"),
         ({"memory_limit": 64.5 * 2**20}, "whole number of bytes"),
         ({"call_timeout": float("nan")}, "finite number of seconds"),
@@ -198,6 +199,38 @@ async def test_the_event_loop_keeps_serving_while_an_abort_rebuilds_the_state():
     task.cancel()
     assert ticks >= 2048 // 128 - 1
     assert await vm.execute_call("add", [1, 1]) == 2
+    await vm.close()
+
+
+async def test_a_memory_limit_too_small_for_the_sandbox_fails_the_deploy_cleanly(tmp_path):
+    vm = BackendVM(SCRIPT, memory_limit=200 * 1024)
+    with pytest.raises(LimitExceeded, match="the sandbox itself needs more than"):
+        await vm.deploy(dir=tmp_path / "vm")
+    assert not (tmp_path / "vm" / "libvms.db").exists()
+    again = await deployed(tmp_path / "vm")  # nothing was left that stands in the way
+    await again.close()
+
+
+async def test_a_thrown_null_from_exhausted_memory_is_undecided_under_another_limit():
+    # When memory runs out completely, QuickJS throws null instead of its error:
+    # where that happens depends on the limit, so a replay under another limit
+    # cannot decide the entry (and must never prove the honest host wrong).
+    code = (
+        "exports.grab = (n) => { try { const a = []; for (let i = 0; i < n; i++) "
+        "a.push('x'.repeat(100) + i); return 'ok ' + a.length } "
+        "catch (e) { return 'caught ' + e.name } }\nexports.ping = () => 'pong'"
+    )
+    vm = await deployed(code=code, memory_limit=768 * 1024)
+    with pytest.raises(VMCallError, match="Error: null"):
+        await vm.execute_call("grab", [4000])
+    assert await vm.execute_call("ping") == "pong"
+    assertions = {"files_archive_url": vm.files_archive.url}
+    same = await BackendVM.from_call_log(
+        vm.call_log, assertions, check=True, memory_limit=768 * 1024
+    )
+    await same.close()
+    with pytest.raises(ReplayLimitError, match="entry 1: one run ended with a thrown null"):
+        await BackendVM.from_call_log(vm.call_log, assertions, check=True)
     await vm.close()
 
 
@@ -373,11 +406,36 @@ async def test_init_asked_for_while_the_deploy_runs_it_is_refused(tmp_path):
     deploying = asyncio.get_running_loop().create_task(vm.deploy(dir=tmp_path))
     while vm.call_log is None:  # the deploy has made its ledgers and is running init
         await asyncio.sleep(0)
-    with pytest.raises(VMCallError, match="MethodNotFound"):
+    with pytest.raises(LibVMSError, match="deploy the VM before calling it"):
         await vm.execute_call("init")
     await deploying
+    with pytest.raises(VMCallError, match="MethodNotFound"):
+        await vm.execute_call("init")
     assert [e["call"]["methodName"] for e in (await vm.call_log.list())[1:]] == ["init"]
     await vm.close()
+
+
+async def test_a_second_deploy_of_one_vm_waits_then_is_refused_holding_nothing(tmp_path):
+    from libvms.rpc import RPCServer
+
+    source = await deployed(tmp_path / "a")
+    for start in range(0, 600, 200):
+        await asyncio.gather(*(source.execute_call("add", [i, start]) for i in range(200)))
+    await source.close()
+    vm = BackendVM(SCRIPT)
+    first = asyncio.get_running_loop().create_task(vm.deploy(dir=tmp_path / "a"))
+    while vm.call_log is None:  # reopening: the ledgers are open, the replay runs
+        await asyncio.sleep(0)
+    with pytest.raises(LibVMSError, match="deploy the VM before mounting it"):
+        RPCServer(vm, port=0)  # not half-way through its reopen
+    with pytest.raises(LibVMSError, match="already deployed"):
+        await vm.deploy(dir=tmp_path / "b")
+    await first
+    await vm.close()
+    assert _open_stores_in(tmp_path / "a") == [] and _open_stores_in(tmp_path / "b") == []
+    for directory in ("a", "b"):  # neither is held
+        other = await deployed(tmp_path / directory)
+        await other.close()
 
 
 async def test_a_deploy_cancelled_while_init_runs_commits_nothing(tmp_path):
@@ -467,9 +525,9 @@ async def test_init_runs_first_and_only_first_in_every_replay():
     assertions = {"files_archive_url": vm.files_archive.url}
     # A host that runs init again resets the script's state behind its users; each
     # entry is one a VM makes (the replay of its own steps succeeds), but not there.
-    vm._deployed = False
-    await vm.execute_call("init")
-    vm._deployed = True
+    async with vm._lock:  # what only a modified host does: no call may run init
+        await vm._execute("init", [], None, None, True)
+    await vm._store.flush()
     assert await vm.execute_call("bump") == 1
     with pytest.raises(VerificationError, match="entry 4 calls init") as raised:
         await BackendVM.from_call_log(vm.call_log, assertions)

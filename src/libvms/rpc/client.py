@@ -210,10 +210,12 @@ class RPCClient:
         """
         ws, self._ws = self._ws, None
         self._fail_pending(ConnectError("the client was closed"))
-        if ws is not None and wait:
-            with contextlib.suppress(Exception):
-                await ws.close()
-        await self._drop()
+        try:
+            if ws is not None and wait:
+                with contextlib.suppress(Exception):
+                    await ws.close()
+        finally:
+            await self._drop()  # even when cancelled while the server is slow to answer
 
     async def _drop(self) -> None:
         """Forget the connection and close its session (and so its socket) at once."""
@@ -304,12 +306,11 @@ class RPCClient:
             await ws.send_str(text)
         except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
             self._pending.pop(request_id, None)
-            if future.done():
-                # The reader saw the connection end meanwhile and failed the call:
-                # this error says it, so the future's own needs no one to see it.
-                future.exception()
-            else:
-                future.cancel()
+            if future.done() and not future.cancelled():
+                # The reader saw the connection end meanwhile and failed the call
+                # with what the server said (a size limit, say): that is the error.
+                raise future.exception() from exc  # type: ignore[misc]
+            future.cancel()
             hint = ""
             if len(text) > protocol.MAX_MESSAGE_BYTES:
                 hint = (

@@ -259,8 +259,8 @@ class RPCServer:
         path = normalize_mount_path(path)
         if path in self._mounts:
             raise ValueError(f"{path} is already mounted")
-        if vm.call_log is None or vm.files_archive is None:
-            raise LibVMSError("deploy the VM before mounting it")
+        if not vm.deployed:
+            raise LibVMSError("deploy the VM before mounting it (and do not close it)")
         methods = protocol.rpc_methods(vm.methods)
         mount = _Mount(
             path=path,

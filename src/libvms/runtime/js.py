@@ -90,7 +90,6 @@ __all__ = [
     "ENGINE_NAME",
     "ENGINE_VERSION",
     "MAX_MEMORY_LIMIT",
-    "MIN_MEMORY_LIMIT",
     "PRELUDE_VERSION",
     "CallOutcome",
     "HostError",
@@ -108,9 +107,6 @@ ENGINE_VERSION: str = importlib.metadata.version("quickjs-ng")
 #: Version of the prelude's observable behaviour. Bump it whenever a script could
 #: see a difference (globals, Date formatting, PRNG, timer order, encodings...).
 PRELUDE_VERSION = "2"
-
-#: Smallest memory limit accepted: the prelude alone needs about half of it.
-MIN_MEMORY_LIMIT = 1024 * 1024
 
 #: Largest memory limit accepted (256 TiB): past it the limit is no limit at all.
 MAX_MEMORY_LIMIT = 2**48
@@ -206,8 +202,9 @@ _PRELUDE_SOURCE = (
 # exact value, carried as a float (canonical JSON prints it back the way JS does).
 def check_limits(call_timeout: float, memory_limit: int) -> None:
     """Raise :class:`ValueError` unless the limits can bound a script: a finite
-    positive ``call_timeout`` (seconds) and an integer ``memory_limit`` from
-    :data:`MIN_MEMORY_LIMIT` to :data:`MAX_MEMORY_LIMIT` bytes."""
+    positive ``call_timeout`` (seconds) and an integer ``memory_limit`` from 1 to
+    :data:`MAX_MEMORY_LIMIT` bytes (a limit too small for the sandbox to start is
+    :class:`LimitExceeded` when it starts)."""
     if isinstance(call_timeout, bool) or not isinstance(call_timeout, (int, float)):
         raise ValueError(f"call_timeout must be a number of seconds, not {call_timeout!r}")
     if not 0 < call_timeout < _INFINITY:
@@ -216,10 +213,9 @@ def check_limits(call_timeout: float, memory_limit: int) -> None:
         )
     if isinstance(memory_limit, bool) or not isinstance(memory_limit, int):
         raise ValueError(f"memory_limit must be a whole number of bytes, not {memory_limit!r}")
-    if not MIN_MEMORY_LIMIT <= memory_limit <= MAX_MEMORY_LIMIT:
+    if not 0 < memory_limit <= MAX_MEMORY_LIMIT:
         raise ValueError(
-            f"memory_limit must be from {MIN_MEMORY_LIMIT} to {MAX_MEMORY_LIMIT} bytes, "
-            f"not {memory_limit}"
+            f"memory_limit must be from 1 to {MAX_MEMORY_LIMIT} bytes, not {memory_limit}"
         )
 
 
@@ -466,13 +462,25 @@ class JSRuntime:
         self._ctx: Any = quickjs.Context()
         self._ctx.set_memory_limit(self._memory_limit)
         self._ctx.set_max_stack_size(int(max_stack))
-        factory = self._ctx.eval(_PRELUDE_SOURCE)
-        config = self._ctx.parse_json(
-            _dumps(
-                {"maxDepth": MAX_DEPTH, "maxLogLines": MAX_LOG_LINES, "maxLogChars": MAX_LOG_CHARS}
+        try:
+            factory = self._ctx.eval(_PRELUDE_SOURCE)
+            config = self._ctx.parse_json(
+                _dumps(
+                    {
+                        "maxDepth": MAX_DEPTH,
+                        "maxLogLines": MAX_LOG_LINES,
+                        "maxLogChars": MAX_LOG_CHARS,
+                    }
+                )
             )
-        )
-        self._dispatch: Any = factory(config)
+            self._dispatch: Any = factory(config)
+        except (quickjs.JSException, quickjs.StackOverflow) as exc:
+            self._ctx = None
+            raise LimitExceeded(
+                "MemoryLimitExceeded",
+                f"the sandbox itself needs more than memory_limit={self._memory_limit} bytes "
+                f"to start ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
+            ) from None
 
     # ------------------------------------------------------------------ public
 
