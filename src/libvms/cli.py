@@ -290,11 +290,12 @@ class _Commands(click.Group):
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
-            hint = {
-                "call": " (a call already sent may still run and be logged)",
-                "repl": " (a call already sent may still run and be logged)",
-                "verify": ": the audit did not finish, nothing was decided",
-            }.get(ctx.invoked_subcommand or "", "")
+            command = ctx.invoked_subcommand
+            hint = ""
+            if command in ("call", "repl"):
+                hint = " (a call already sent may still run and be logged)"
+            elif command == "verify":
+                hint = ": the audit did not finish, nothing was decided"
             click.echo(f"interrupted{hint}", err=True)
             raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
 

@@ -472,9 +472,6 @@ def _rebuild_path(path: list[tuple[_Branch, int]], node: _Leaf | _Branch) -> _Le
     return node
 
 
-_EMPTY_SIDE = EMPTY_ROOT  # the side of a level all the keys below share: no key
-
-
 def _node_root(node: _Leaf | _Branch, depth: int) -> bytes:
     """The root of ``node``'s keys seen from ``depth`` (they share its first bits)."""
     if type(node) is _Leaf:
@@ -487,11 +484,13 @@ def _node_root(node: _Leaf | _Branch, depth: int) -> bytes:
         _NODE_PREFIX + _node_root(branch.left, d + 1) + _node_root(branch.right, d + 1)
     ).digest()
     value = branch.value
+    # Each level all these keys share has them on one side and no key (the empty
+    # root) on the other.
     for level in range(d - 1, depth - 1, -1):
         if (value >> (255 - level)) & 1:
-            root = _sha256(_NODE_PREFIX + _EMPTY_SIDE + root).digest()
+            root = _sha256(_NODE_PREFIX + EMPTY_ROOT + root).digest()
         else:
-            root = _sha256(_NODE_PREFIX + root + _EMPTY_SIDE).digest()
+            root = _sha256(_NODE_PREFIX + root + EMPTY_ROOT).digest()
     branch.cached, branch.cached_from = root, depth
     return root
 
