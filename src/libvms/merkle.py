@@ -12,7 +12,9 @@ tree, a hash of the wrong length handed to the tree) raises :class:`ValueError`.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 from collections.abc import Iterable, Sequence
 
 from .errors import TamperError
@@ -330,6 +332,24 @@ class MerkleMap:
         self._size = 0
         self._root: bytes | None = EMPTY_ROOT
 
+    @classmethod
+    def from_items(cls, items: Iterable[tuple[str, bytes]]) -> MerkleMap:
+        """A map of ``items`` (key, leaf hash), each key once, built in one pass:
+        about two nodes per key, where setting them one by one makes about 17."""
+        leaves = []
+        for key, leaf in items:
+            _check_hash(leaf, "leaf hash")
+            leaves.append(_Leaf(_key_value(key), key, bytes(leaf)))
+        leaves.sort(key=lambda node: node.value)
+        for a, b in itertools.pairwise(leaves):
+            if a.value == b.value:
+                raise ValueError(f"key {b.key!r} is given twice")
+        made = cls()
+        made._top = _build(leaves, 0, len(leaves)) if leaves else None
+        made._size = len(leaves)
+        made._root = None if leaves else EMPTY_ROOT
+        return made
+
     def __len__(self) -> int:
         return self._size
 
@@ -459,6 +479,17 @@ class _Branch:
         self.right = right
         self.cached: bytes | None = None
         self.cached_from = 0
+
+
+def _build(leaves: list[_Leaf], lo: int, hi: int) -> _Leaf | _Branch:
+    """The trie of ``leaves[lo:hi]`` (sorted by digest, at least one)."""
+    if hi - lo == 1:
+        return leaves[lo]
+    first, last = leaves[lo].value, leaves[hi - 1].value
+    depth = 256 - (first ^ last).bit_length()  # the first bit where they part
+    boundary = ((first >> (255 - depth)) | 1) << (255 - depth)  # smallest with that bit set
+    mid = bisect.bisect_left(leaves, boundary, lo, hi, key=lambda node: node.value)
+    return _Branch(depth, first, _build(leaves, lo, mid), _build(leaves, mid, hi))
 
 
 def _rebuild_path(path: list[tuple[_Branch, int]], node: _Leaf | _Branch) -> _Leaf | _Branch:

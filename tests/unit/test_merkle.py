@@ -777,3 +777,34 @@ def test_merkle_map_rejects_bad_leaves() -> None:
         tree.set("/a", b"short")
     assert "/a" not in tree
     assert tree.root() == EMPTY_ROOT
+
+
+@hsettings(100)
+@given(
+    leaves=st.dictionaries(
+        st.text("ab/", max_size=6), st.binary(min_size=32, max_size=32), max_size=60
+    )
+)
+def test_merkle_map_built_in_one_pass_is_the_map_built_key_by_key(
+    leaves: dict[str, bytes],
+) -> None:
+    built = MerkleMap.from_items(leaves.items())
+    assert built.root() == naive_trie_root(leaves)
+    assert len(built) == len(leaves) and built.keys() == sorted(leaves)
+    for key, leaf in leaves.items():
+        assert built.get(key) == leaf
+    # It goes on changing like any other map.
+    changed = built.copy()
+    for key in list(leaves)[::2]:
+        changed.delete(key)
+    changed.set("/new", b"\x07" * 32)
+    expected = {k: v for k, v in list(leaves.items())[1::2]} | {"/new": b"\x07" * 32}
+    assert changed.root() == naive_trie_root(expected)
+    assert built.root() == naive_trie_root(leaves)  # the copy's changes stay its own
+
+
+def test_merkle_map_built_in_one_pass_refuses_a_key_given_twice() -> None:
+    with pytest.raises(ValueError, match="given twice"):
+        MerkleMap.from_items([("/a", b"\x01" * 32), ("/a", b"\x02" * 32)])
+    with pytest.raises(ValueError):
+        MerkleMap.from_items([("/a", b"short")])
