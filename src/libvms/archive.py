@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from . import encoding, merkle
 from .errors import (
@@ -233,6 +233,8 @@ class _Tree(_Nodes):
         self.nodes: dict[str, Stat] = {"/": Stat("dir", 0, 0)}
         self.children: dict[str, set[str]] = {"/": set()}
         self.leaves = merkle.MerkleMap()  # one leaf per path but the root: the state root
+        #: False while a replay puts its paths in: the leaves are built once, at the end.
+        self.indexed = True
         self.generation = 0
 
     def copy(self) -> _Tree:
@@ -274,7 +276,8 @@ class _Tree(_Nodes):
             self.children.setdefault(path, set())
         else:
             self.children.pop(path, None)  # a directory replaced by a file
-        self.leaves.set(path, _leaf(path, node.kind, node.hash))
+        if self.indexed:
+            self.leaves.set(path, _leaf(path, node.kind, node.hash))
         self.generation += 1
 
     def merge(self, changes: _Overlay) -> None:
@@ -298,7 +301,8 @@ class _Tree(_Nodes):
 
     def drop(self, path: str) -> None:
         del self.nodes[path]
-        self.leaves.delete(path)
+        if self.indexed:
+            self.leaves.delete(path)
         self.children.pop(path, None)
         self.children[_parent(path)].discard(_basename(path))
         self.generation += 1
@@ -850,24 +854,15 @@ def _replay(entries: Sequence[Any], upto: int) -> _Tree:
     # The state root's index is built once at the end, in one pass: cheaper than
     # keeping it up to date through every entry (archives of 10^5 files reopen).
     tree = _Tree()
-    tree.leaves = cast(merkle.MerkleMap, _NoLeaves())
+    tree.indexed = False
     _apply_stored(tree, entries[1:upto], 1)
     tree.leaves = merkle.MerkleMap.from_items(
         (path, _leaf(path, node.kind, node.hash))
         for path, node in tree.nodes.items()
         if path != "/"
     )
+    tree.indexed = True
     return tree
-
-
-class _NoLeaves:
-    """Stands in for a tree's leaves while :func:`_replay` puts its paths in."""
-
-    def set(self, key: str, leaf: bytes) -> None:
-        """Nothing: the leaves are built at the end."""
-
-    def delete(self, key: str) -> None:
-        """Nothing: the leaves are built at the end."""
 
 
 def _apply_stored(tree: _Tree, entries: Sequence[Any], first: int) -> _Tree:
