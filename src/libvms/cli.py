@@ -192,7 +192,7 @@ def _limit_options(time_help: str, memory_help: str) -> Callable[[F], F]:
             show_default=True,
             callback=_check_limit,
             help=f"Memory {memory_help}, in bytes (K, M and G suffixes are powers of 1024; "
-            "at least 1M).",
+            "the sandbox itself needs about half a megabyte).",
         )(f)
         return click.option(
             "--call-timeout",
