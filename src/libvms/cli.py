@@ -764,8 +764,11 @@ def parse_repl_line(line: str) -> tuple[str, list[Any]]:
         if rest not in ("", ";"):
             raise ReplSyntaxError(f"unexpected {rest!r} after the call")
         return match[1], args
+    text = line.rstrip()
+    if text.endswith(";"):  # it may end the call, as in the call form
+        text = text[:-1]
     try:
-        words = shlex.split(line)
+        words = shlex.split(text)
     except ValueError as exc:
         raise ReplSyntaxError(str(exc)) from None
     if words and words[0] == "await":
