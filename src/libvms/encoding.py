@@ -180,9 +180,12 @@ def _reject_constant(name: str) -> Any:
     raise EncodingError(f"{name} is not valid JSON")
 
 
-def _number(text: str) -> int | float:
-    # JSON numbers are IEEE-754 doubles (as in JavaScript): integers beyond the
-    # safe range parse as floats, which canonical JSON can carry.
+def json_number(text: str) -> int | float:
+    """A JSON integer's value as JavaScript reads it: beyond the safe range, a double.
+
+    For the ``parse_int`` hook of a ``json`` decoder. JSON numbers are IEEE-754
+    doubles, and canonical JSON carries such a float exactly.
+    """
     value = int(text)
     if -MAX_SAFE_INT <= value <= MAX_SAFE_INT:
         return value
@@ -217,7 +220,7 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 # Built once: json.loads with options builds a new decoder on every call.
 _strict_decode = json.JSONDecoder(
     parse_constant=_reject_constant,
-    parse_int=_number,
+    parse_int=json_number,
     parse_float=_float,
     object_pairs_hook=_unique_object,
 ).decode
@@ -251,20 +254,11 @@ def parse_verified(data: bytes) -> Any:
     a float, so the value encodes again to the same bytes.
     """
     text = data.decode("utf-8")
-    # may_hold_unsafe_int, inline: this runs on every entry a replay reads.
-    scan = _scan_doubles if _DIGIT_RUN in data.translate(_DIGIT_MARKS) else _scan
+    scan = _scan_doubles if may_hold_unsafe_int(data) else _scan
     value, end = scan(text, 0)
     if end != len(text):  # pragma: no cover - canonical bytes hold one value and nothing else
         raise EncodingError("trailing data after the JSON value")
     return value
-
-
-def json_number(text: str) -> int | float:
-    """A JSON integer's value as JavaScript reads it: beyond the safe range, a double.
-
-    For the ``parse_int`` hook of a ``json`` decoder.
-    """
-    return _number(text)
 
 
 _DIGIT_MARKS = bytes.maketrans(b"0123456789", b"#" * 10)
@@ -286,7 +280,7 @@ _scan: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(
     json.JSONDecoder()  # type: ignore[arg-type]  # typeshed types the context oddly
 )
 _scan_doubles: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(
-    json.JSONDecoder(parse_int=_number)  # type: ignore[arg-type]
+    json.JSONDecoder(parse_int=json_number)  # type: ignore[arg-type]
 )
 
 

@@ -527,11 +527,8 @@ def _node_root(node: _Leaf | _Branch, depth: int) -> bytes:
 
 
 def _key_value(key: str) -> int:
-    return int.from_bytes(_key_digest(key), "big")
-
-
-def _key_digest(key: str) -> bytes:
-    return _sha256(key.encode("utf-8", "surrogatepass")).digest()
+    """The key's SHA-256 digest, as the integer whose bits the trie follows."""
+    return int.from_bytes(_sha256(key.encode("utf-8", "surrogatepass")).digest(), "big")
 
 
 def root_from_inclusion(leaf_hash: bytes, index: int, size: int, proof: Sequence[bytes]) -> bytes:

@@ -81,6 +81,9 @@ MAX_ERROR_MESSAGE_CHARS = 65_536
 
 _SEED_DOMAIN = b"libvms/random/v2\x00"
 
+#: A VM's key files: one per ledger.
+_KEY_FILENAMES = (LOG_KEY_FILENAME, ARCHIVE_KEY_FILENAME)
+
 #: Present in a directory while its first deploy has not committed: key files found
 #: with it and a database holding nothing are that deploy's, safe to discard.
 DEPLOYING_FILENAME = "libvms.deploying"
@@ -528,11 +531,7 @@ class BackendVM:
         self._set_exports(runtime)
 
     async def _reopen(self, directory: Path, lock: DirectoryLock | None) -> None:
-        missing = [
-            name
-            for name in (LOG_KEY_FILENAME, ARCHIVE_KEY_FILENAME)
-            if not (directory / name).exists()
-        ]
+        missing = [name for name in _KEY_FILENAMES if not (directory / name).exists()]
         if missing:
             # Opened without its keys, a ledger is a read-only copy: the VM would
             # fail every call that writes, and log those failures for good.
@@ -1084,8 +1083,7 @@ def foreign_files(directory: Path) -> list[str]:
         DB_FILENAME,
         DB_FILENAME + "-wal",
         DB_FILENAME + "-shm",
-        LOG_KEY_FILENAME,
-        ARCHIVE_KEY_FILENAME,
+        *_KEY_FILENAMES,
         LOCK_FILENAME,
         DEPLOYING_FILENAME,
     }
@@ -1096,9 +1094,7 @@ def foreign_files(directory: Path) -> list[str]:
 
 
 def _key_files(directory: Path) -> list[Path]:
-    return [
-        p for p in (directory / LOG_KEY_FILENAME, directory / ARCHIVE_KEY_FILENAME) if p.exists()
-    ]
+    return [directory / name for name in _KEY_FILENAMES if (directory / name).exists()]
 
 
 def _discard_uncommitted(directory: Path) -> bool:

@@ -69,6 +69,7 @@ import json.encoder
 import json.scanner
 import locale
 import logging
+import math
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -198,8 +199,6 @@ _PRELUDE_SOURCE = (
 )
 
 
-# Every JS number is a double: an integer beyond the safe range is the double's
-# exact value, carried as a float (canonical JSON prints it back the way JS does).
 def check_limits(call_timeout: float, memory_limit: int) -> None:
     """Raise :class:`ValueError` unless the limits can bound a script: a finite
     positive ``call_timeout`` (seconds) and an integer ``memory_limit`` from 1 to
@@ -207,7 +206,7 @@ def check_limits(call_timeout: float, memory_limit: int) -> None:
     :class:`LimitExceeded` when it starts)."""
     if isinstance(call_timeout, bool) or not isinstance(call_timeout, (int, float)):
         raise ValueError(f"call_timeout must be a number of seconds, not {call_timeout!r}")
-    if not 0 < call_timeout < _INFINITY:
+    if not (call_timeout > 0 and math.isfinite(call_timeout)):
         raise ValueError(
             f"call_timeout must be a finite number of seconds above 0, not {call_timeout!r}"
         )
@@ -219,8 +218,8 @@ def check_limits(call_timeout: float, memory_limit: int) -> None:
         )
 
 
-_INFINITY = float("inf")
-
+# Every JS number is a double: an integer beyond the safe range is the double's
+# exact value, carried as a float (canonical JSON prints it back the way JS does).
 _decoder = json.JSONDecoder(parse_int=json_number)
 _decode = _decoder.decode
 
