@@ -408,12 +408,15 @@ class BackendVM:
 
     @property
     def exports(self) -> Mapping[str, Any]:
-        """Exported names in script order: values as at deploy, functions as async callables."""
+        """The script's exports as they stood once it loaded, in script order: values
+        as JSON, functions as async callables."""
         return dict(self._exports)
 
     @property
     def methods(self) -> list[str]:
-        """Exported function names callable over RPC (everything but ``init``)."""
+        """Exported function names callable over RPC (everything but ``init``): the
+        functions the script exports once it has loaded. A function a call exports
+        later is not a method: what an auditor checks is the logged script's."""
         return [
             n for n, v in self._exports.items() if isinstance(v, _ExportedFunction) and n != "init"
         ]
@@ -423,16 +426,25 @@ class BackendVM:
             call_timeout=self.call_timeout, memory_limit=self.memory_limit, logger=self._logger
         )
 
-    def _load(self, runtime: JSRuntime, timestamp: int) -> None:
-        runtime.load(self.code, timestamp_ms=timestamp, seed=derive_seed(merkle.EMPTY_ROOT, 0))
+    def _load(self, runtime: JSRuntime, timestamp: int) -> dict[str, Any]:
+        """Load the script into ``runtime`` and read its exports; returns them.
 
-    def _set_exports(self, runtime: JSRuntime) -> None:
+        Every path that loads the script (deploy, reopen, a rebuild after an
+        abort, a replay) reads the exports here and only here, right after the
+        load: reading them can run script code (a value's ``toJSON``, a Proxy's
+        traps), which must run at the same point live and in every replay.
+        """
+        runtime.load(self.code, timestamp_ms=timestamp, seed=derive_seed(merkle.EMPTY_ROOT, 0))
         exports: dict[str, Any] = {}
         for name, is_function in runtime.export_names():
-            exports[name] = (
-                _ExportedFunction(self, name) if is_function else runtime.export_value(name)
-            )
-        self._exports = exports
+            if is_function:
+                exports[name] = _ExportedFunction(self, name)
+                continue
+            try:
+                exports[name] = runtime.export_value(name)
+            except EncodingError as exc:
+                raise ScriptError(f"the script's exports are not JSON: {exc}") from None
+        return exports
 
     # -- deploy ----------------------------------------------------------------
 
@@ -475,7 +487,7 @@ class BackendVM:
         timestamp = _now_ms()
         runtime = self._new_runtime()
         try:
-            self._load(runtime, timestamp)  # a script that does not load leaves no trace
+            exports = self._load(runtime, timestamp)  # a script that does not load leaves no trace
             marker = None if dir is None else _mark_first_deploy(Path(dir))
             store = Store.open(dir, lock=lock)
         except BaseException:
@@ -488,7 +500,7 @@ class BackendVM:
             runtime.close()
             store.close()
             raise
-        self._attach(store, archive, log, runtime)
+        self._attach(store, archive, log, runtime, exports)
         self._identity = (archive.url, title)
         log.stage(
             init_entry(
@@ -501,7 +513,7 @@ class BackendVM:
         )
         self._last_timestamp = timestamp
         try:
-            if _runs_init(runtime):
+            if _runs_init(exports):
                 # Its entry joins the same commit as everything staged above.
                 result = await self._execute("init", [], None, None, True)  # deploy holds the lock
                 if result.error is not None:
@@ -522,13 +534,18 @@ class BackendVM:
             marker.unlink(missing_ok=True)
 
     def _attach(
-        self, store: Store, archive: FilesArchive, log: CallLog, runtime: JSRuntime
+        self,
+        store: Store,
+        archive: FilesArchive,
+        log: CallLog,
+        runtime: JSRuntime,
+        exports: dict[str, Any],
     ) -> None:
         self._store = store
         self.files_archive = archive
         self.call_log = log
         self._runtime = runtime
-        self._set_exports(runtime)
+        self._exports = exports
 
     async def _reopen(self, directory: Path, lock: DirectoryLock | None) -> None:
         missing = [name for name in _KEY_FILENAMES if not (directory / name).exists()]
@@ -556,7 +573,7 @@ class BackendVM:
         self.files_archive = archive
         self.call_log = log
         try:
-            runtime = await self._rebuild()
+            await self._rebuild()
         except BaseException:
             # A log that does not replay (tampered, or another engine): the VM
             # stays undeployed and holds nothing open.
@@ -568,7 +585,6 @@ class BackendVM:
             finally:
                 await archive.close()
             raise
-        self._set_exports(runtime)
         self._identity = _archive_identity(init, archive.title)
         self._deployed = True
         # A deploy whose commit landed but that ended before it could say so.
@@ -588,11 +604,15 @@ class BackendVM:
         init = await source.get(0)
         runtime = self._new_runtime()
         runtime.rerunning = True  # its console lines were shown when the calls ran
-        self._load(runtime, int(init.get("timestamp", 0)))
+        try:
+            exports = self._load(runtime, int(init.get("timestamp", 0)))
+        except BaseException:
+            runtime.close()
+            raise
         scratch = await FilesArchive.create(None, self.files_archive.title)
         try:
             async for seq, entry, raw, produced in self._replay_entries(
-                runtime, scratch, source, 1
+                runtime, scratch, source, 1, _runs_init(exports)
             ):
                 compare_entry(seq, raw, produced, entry)
                 if seq % 1000 == 0:
@@ -608,6 +628,8 @@ class BackendVM:
             await scratch.close()
         runtime.rerunning = False
         self._runtime = runtime
+        # The same as before: the load is deterministic, and so is what it exports.
+        self._exports = exports
         return runtime
 
     # -- calls -----------------------------------------------------------------
@@ -746,12 +768,19 @@ class BackendVM:
         return CallResult(seq, outcome.value if outcome.has_value else None, None)
 
     async def _replay_entries(
-        self, runtime: JSRuntime, archive: FilesArchive, source: CallLog, start: int
+        self,
+        runtime: JSRuntime,
+        archive: FilesArchive,
+        source: CallLog,
+        start: int,
+        runs_init: bool,
     ) -> AsyncIterator[tuple[int, Any, bytes, dict[str, Any]]]:
-        """Replay ``source``'s entries from ``start`` on; yields (seq, entry, logged, produced)."""
+        """Replay ``source``'s entries from ``start`` on; yields (seq, entry, logged, produced).
+
+        ``runs_init``: the loaded script exports a function ``init``.
+        """
         total = source.length
         init_leaf = source.ledger.tree.leaf(0)
-        runs_init = _runs_init(runtime)
         identity = _archive_identity(source.ledger.get(0), archive.title)
         if runs_init and total == 1:
             raise VerificationError(
@@ -890,10 +919,12 @@ class BackendVM:
             )
         runtime = vm._new_runtime()
         try:
-            vm._load(runtime, int(init.get("timestamp", 0)))
-        except ScriptError as exc:
+            exports = vm._load(runtime, int(init.get("timestamp", 0)))
+        except BaseException as exc:
             runtime.close()
-            raise VerificationError(f"the logged script does not load: {exc}", index=0) from exc
+            if isinstance(exc, ScriptError):
+                raise VerificationError(f"the logged script does not load: {exc}", index=0) from exc
+            raise
         lock = None
         try:
             lock = None if dir is None else await DirectoryLock.acquire(dir)
@@ -917,7 +948,7 @@ class BackendVM:
             raise
         store._refs += 1
         vm._dir_lock = lock
-        vm._attach(store, archive, log, runtime)
+        vm._attach(store, archive, log, runtime, exports)
         vm._identity = _archive_identity(init, archive.title)
         try:
             log.stage(init)
@@ -949,7 +980,7 @@ class BackendVM:
         stats = stats if stats is not None else ReplayStats()
         first, total = log.length, call_log.length
         async for seq, entry, raw, produced in self._replay_entries(
-            runtime, archive, call_log, first
+            runtime, archive, call_log, first, _runs_init(self._exports)
         ):
             if check:
                 # Equal bytes: the logged entry's verified leaf hash is this one's too.
@@ -1056,10 +1087,10 @@ def _archive_identity(init: Any, fallback_title: str) -> tuple[str, str]:
     return str(url), title if isinstance(title, str) else fallback_title
 
 
-def _runs_init(runtime: JSRuntime) -> bool:
+def _runs_init(exports: Mapping[str, Any]) -> bool:
     """Whether the loaded script exports a function ``init``: the call a deploy makes
     first (entry 1), and never again."""
-    return ("init", True) in runtime.export_names()
+    return isinstance(exports.get("init"), _ExportedFunction)
 
 
 def _mark_first_deploy(directory: Path) -> Path:

@@ -105,8 +105,7 @@ async def serve_as_is(
     archive = await FilesArchive.open(directory, store=store)
     store._refs += 1  # the call log and the archive each release the store once
     runtime = vm._new_runtime()
-    vm._load(runtime, 0)
-    vm._attach(store, archive, log, runtime)
+    vm._attach(store, archive, log, runtime, vm._load(runtime, 0))
     vm._deployed = True
     return vm
 

@@ -595,6 +595,90 @@ async def test_a_replay_past_its_own_limits_is_undecided_not_a_mismatch():
     await vm.close()
 
 
+async def test_a_limit_in_a_timer_under_another_limit_is_undecided_not_a_mismatch():
+    # The allocation runs in a timer callback: a host with room for it logs the
+    # call's result; an auditor without must say "undecided", not "mismatch".
+    code = """
+    let state = [];
+    exports.build = (n) => new Promise(r => {
+      setTimeout(() => {
+        const a = []; for (let i = 0; i < n; i++) a.push({i, s: 'x' + i}); state = a
+      }, 0);
+      setTimeout(() => r(state.length), 1);
+    });
+    exports.size = () => state.length
+    """
+    vm = await deployed(code=code)
+    assert await vm.execute_call("build", [200_000]) == 200_000
+    assertions = {"files_archive_url": vm.files_archive.url}
+    with pytest.raises(ReplayLimitError) as raised:
+        await BackendVM.from_call_log(vm.call_log, assertions, check=True, memory_limit=4 << 20)
+    assert raised.value.index == 1 and not isinstance(raised.value, VerificationError)
+    replay = await BackendVM.from_call_log(vm.call_log, assertions, check=True)
+    await replay.close()
+    await vm.close()
+
+
+EXPORTS_RUN_CODE = """
+let counter = 0, snap = -1, reads = 0;
+exports.config = { toJSON() { snap = counter; reads++; return 1 } };
+exports.inc = () => ++counter;
+exports.snap = () => [snap, reads];
+exports.spin = () => { for (;;) {} };
+exports.plugin = () => { exports.extra = () => 'extra'; delete exports.inc; return 'ok' };
+exports.poison = () => { exports.config = NaN; return 'poisoned' };
+"""
+
+
+async def test_exports_are_read_once_right_after_the_load_on_every_path(tmp_path):
+    """Reading the exports runs script code (a toJSON, a Proxy's traps): it happens
+    once, right after the load, live, on a reopen, after an abort and in every
+    replay, so that all of them hold the same state and list the same methods."""
+    methods = ["inc", "snap", "spin", "plugin", "poison"]
+    vm = await deployed(tmp_path, code=EXPORTS_RUN_CODE, call_timeout=0.5)
+    assert vm.exports["config"] == 1 and vm.methods == methods
+    assert await vm.execute_call("inc") == 1
+    assert await vm.execute_call("inc") == 2
+    assert await vm.execute_call("snap") == [0, 1]
+    with pytest.raises(LimitExceeded):
+        await vm.execute_call("spin")  # the state is rebuilt by replaying the log
+    assert await vm.execute_call("snap") == [0, 1]
+    # A call that exports another function, or unexports one, changes no method:
+    assert await vm.execute_call("plugin") == "ok"
+    assert vm.methods == methods
+    with pytest.raises(VMCallError, match="not an exported function"):
+        await vm.execute_call("extra")
+    # ... and one that leaves an export that is not JSON does not stop a reopen.
+    assert await vm.execute_call("poison") == "poisoned"
+    await vm.close()
+    vm = await deployed(tmp_path, code=EXPORTS_RUN_CODE, call_timeout=0.5)
+    assert vm.methods == methods and vm.exports["config"] == 1
+    assert await vm.execute_call("snap") == [0, 1]
+    log = vm.call_log
+    assertions = {"files_archive_url": vm.files_archive.url}
+    replay = await BackendVM.from_call_log(log, assertions, check=True)
+    assert replay.methods == methods
+    await replay.close()
+    await vm.close()
+
+
+async def test_a_following_replay_reads_the_exports_only_once(tmp_path):
+    code = """
+    let k = 0;
+    module.exports = new Proxy({ get: () => k }, { ownKeys(t) { k++; return Reflect.ownKeys(t) } });
+    """
+    vm = await deployed(code=code)
+    assert await vm.execute_call("get") == 1
+    follower = await BackendVM.from_call_log(
+        vm.call_log, {"files_archive_url": vm.files_archive.url}, check=True
+    )
+    for _ in range(2):
+        assert await vm.execute_call("get") == 1
+        assert await follower.replay_more(vm.call_log) == 1
+    await follower.close()
+    await vm.close()
+
+
 async def test_rmdir_deletes_recursively_only_when_told_so_plainly():
     code = """
     exports.setup = async () => {

@@ -32,7 +32,10 @@ Determinism rules (what a replay on any machine relies on):
 
 * Requests the script makes while it loads are rejected (``UnavailableError``):
   there is no host then. Errors thrown by timer callbacks and microtasks are
-  logged to the console and do not end the call.
+  logged to the console and do not end the call, except the machine's limits
+  (out of memory, a string too long, a stack overflow, a thrown ``null``),
+  which end it as if the call itself had thrown them: swallowed, they would
+  let a run under other limits go on to another result.
 
 No Python callable is ever exposed to the script: the quickjs wrapper cannot
 combine them with its time limit, and an exception inside one poisons the
@@ -107,7 +110,7 @@ ENGINE_VERSION: str = importlib.metadata.version("quickjs-ng")
 
 #: Version of the prelude's observable behaviour. Bump it whenever a script could
 #: see a difference (globals, Date formatting, PRNG, timer order, encodings...).
-PRELUDE_VERSION = "2"
+PRELUDE_VERSION = "3"
 
 #: Largest memory limit accepted (256 TiB): past it the limit is no limit at all.
 MAX_MEMORY_LIMIT = 2**48
@@ -370,11 +373,29 @@ def _begin_args(
 
 
 def _ensure_c_numeric_locale() -> None:
-    # QuickJS may use the C library to parse and print numbers, and those follow
-    # LC_NUMERIC: a locale whose decimal point is not "." (de_DE, fr_FR...) would
-    # change how a script's numbers read and print. Force "C" for LC_NUMERIC.
+    """Make sure LC_NUMERIC reads numbers with a "." before any JS runs.
+
+    QuickJS parses numbers in ``JSON.parse`` with the C library, which follows
+    LC_NUMERIC: under a locale whose decimal point is not "." (de_DE, fr_FR...)
+    ``JSON.parse('3.75')`` gives 3, and the prelude parses every argument and host
+    answer that way. The host process may change its locale at any time (an
+    oracle, a framework), so this is checked before every entry into the engine:
+    a query costs a fraction of a microsecond, and a locale found good is not
+    examined again.
+    """
+    global _numeric_locale_ok
+    name = _query_locale(locale.LC_NUMERIC)
+    if name == _numeric_locale_ok:
+        return
     if locale.localeconv()["decimal_point"] != ".":
         locale.setlocale(locale.LC_NUMERIC, "C")
+        name = _query_locale(locale.LC_NUMERIC)
+    _numeric_locale_ok = name
+
+
+_query_locale = locale.setlocale
+# The LC_NUMERIC setting last found to read numbers with a ".".
+_numeric_locale_ok: str | None = None
 
 
 def _from_wire(value: Any) -> Any:
@@ -746,6 +767,7 @@ class JSRuntime:
         return self._enter_with(deadline, cmd, payload)
 
     def _enter_with(self, deadline: float, *dispatch_args: Any) -> str:
+        _ensure_c_numeric_locale()
         remaining = deadline - _monotonic()
         if remaining <= 0:
             raise self._time_limit()
@@ -762,6 +784,7 @@ class JSRuntime:
 
     def _drain_jobs(self, deadline: float) -> bool:
         """Run pending jobs until none is left; True when at least one ran."""
+        _ensure_c_numeric_locale()
         ctx = self._ctx
         set_time_limit = ctx.set_time_limit
         execute_pending_job = ctx.execute_pending_job

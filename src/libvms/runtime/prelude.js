@@ -157,6 +157,8 @@
   // A call's settlement: kind 0 = undefined, 1 = value (JSON text), 2 = error.
   let settled = false;
   let resultKind = 0;
+  // The first limit error a timer callback or microtask of the current call met.
+  let fatalPair = null;
   let resultText = '';
   let callToken = 0; // distinguishes the current call from reactions of older ones
 
@@ -999,7 +1001,18 @@
   }
   function reportUncaught(where, e) {
     const pair = errorPair(e);
+    if (fatalPair === null && isResourcePair(pair)) fatalPair = pair;
     addLog('error', 'Uncaught exception in ' + where + ': ' + pair[0] + ': ' + pair[1]);
+  }
+  // Errors that say where the machine's limits struck, not what the script did:
+  // out of memory, a string too long, a stack overflow, and the null QuickJS
+  // throws when memory runs out so completely that it cannot make its error.
+  function isResourcePair(pair) {
+    const name = pair[0];
+    const message = pair[1];
+    return (name === 'InternalError' && (message === 'out of memory' || message === 'string too long')) ||
+      (name === 'RangeError' && message === 'Maximum call stack size exceeded') ||
+      (name === 'Error' && message === 'null');
   }
 
   def(G, 'setTimeout', function setTimeout(fn, delay, ...args) {
@@ -1412,6 +1425,7 @@
     callerObject = lastCallerObject;
     logCount = 0;
     logDropped = 0;
+    fatalPair = null;
     // Callable exports are own, enumerable data properties holding a function,
     // exactly what export_names() reports as functions.
     let desc;
@@ -1454,6 +1468,18 @@
   }
 
   function poll() {
+    if (fatalPair !== null) {
+      // A timer callback or a microtask hit a limit: the call ends with that
+      // error, as if it had thrown it (a swallowed limit would let a replay
+      // under other limits reproduce another result, not see the limit).
+      settled = true;
+      resultKind = 2;
+      resultText = pairJSON(fatalPair);
+      fatalPair = null;
+      outbox = list(); // the call's unserved requests die with it
+      callToken++; // and its late reactions are ignored
+      return doneStatus();
+    }
     if (outbox.length > 0) return status('R', takeRequests());
     if (settled) return doneStatus();
     if (timerCount > 0 && fireNextTimer()) return status('T', '');
@@ -1474,6 +1500,7 @@
     logCount = 0;
     logDropped = 0;
     settled = false;
+    fatalPair = null;
     const token = ++callToken;
     try {
       // The wrapper keeps the script's own line numbers. A body that closes the
