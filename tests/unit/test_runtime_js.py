@@ -1165,6 +1165,23 @@ async def test_a_limit_in_a_timer_or_microtask_ends_the_call() -> None:
     assert await value(rt, "timer", 10) == 10
 
 
+async def test_a_limit_met_converting_a_thrown_value_is_the_limit() -> None:
+    """A thrown value whose conversion to text runs out of memory or stack gives
+    the limit, not a placeholder message that a run under other limits would not
+    log."""
+    code = """
+    exports.big = () => { throw { toString() { return 'x'.repeat(1 << 20).repeat(64) } } };
+    exports.deep = () => { throw { toString() { const f = () => f() + 1; return f() } } };
+    exports.odd = () => { throw { toString() { throw new TypeError('no text') } } };
+    """
+    for method, name in (("big", "MemoryLimitExceeded"), ("deep", "StackOverflow")):
+        with pytest.raises(LimitExceeded) as caught:
+            await call(runtime(code, memory_limit=16 << 20), method)
+        assert caught.value.name == name
+    outcome = await call(runtime(code), "odd")
+    assert outcome.error == ("Error", "<the thrown value could not be converted to a string>")
+
+
 def test_script_cannot_escape_module_scope() -> None:
     rt = runtime("}); globalThis.escaped = 1; (function () {")
     assert rt.export_names() == []

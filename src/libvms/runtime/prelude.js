@@ -174,9 +174,25 @@
       } else {
         message = StringCtor(e);
       }
-    } catch (_) {
+    } catch (inner) {
       name = 'Error';
       message = '<the thrown value could not be converted to a string>';
+      // Converting it hit a limit: the limit, not the value, is what to report
+      // (a run under other limits would convert it).
+      if (inner === null) {
+        message = 'null';
+      } else {
+        try {
+          const innerName = StringCtor(inner.name);
+          const innerMessage = StringCtor(inner.message);
+          if (inner instanceof ErrorCtor && isResourcePair([innerName, innerMessage])) {
+            name = innerName;
+            message = innerMessage;
+          }
+        } catch (_) {
+          // not an error that names a limit
+        }
+      }
     }
     const pair = list();
     push(pair, wellFormed(name));
