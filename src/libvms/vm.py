@@ -61,6 +61,17 @@ _REPLAY_BATCH_BYTES = 16 * 1024 * 1024
 #: Calls allowed to wait for a VM at once (the seed's limit).
 MAX_QUEUE = 1000
 
+#: How many times its call_timeout a VM gives each call when it rebuilds its own
+#: state (on a reopen, after an abort). Those calls all ran within the limit
+#: once; on a busier machine one may run a little longer the second time, and a
+#: rebuild that fails leaves the VM unable to serve.
+REBUILD_TIME_FACTOR = 4
+
+# Longest a burst of calls that finish without awaiting anything may keep the
+# event loop from everything else (other connections, auditors' requests,
+# signals), in seconds: past it, the next call lets the loop run first.
+_MAX_LOOP_HOLD = 0.02
+
 #: How deep call arguments and results may nest: a log entry holds them two levels
 #: down (``call.args``, ``result.res``), and an entry may nest MAX_DEPTH levels.
 MAX_VALUE_DEPTH = encoding.MAX_DEPTH - 2
@@ -107,6 +118,9 @@ def derive_seed(init_leaf: bytes, seq: int) -> bytes:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+_monotonic = time.monotonic
 
 
 def _error_obj(name: str, message: str) -> dict[str, str]:
@@ -389,6 +403,7 @@ class BackendVM:
         self._store: Store | None = None
         self._lock = asyncio.Lock()
         self._queued = 0
+        self._yield_at = 0.0  # see _MAX_LOOP_HOLD
         self._last_timestamp = 0
         self._closed = False
         self._deployed = False
@@ -604,6 +619,7 @@ class BackendVM:
         init = await source.get(0)
         runtime = self._new_runtime()
         runtime.rerunning = True  # its console lines were shown when the calls ran
+        runtime.call_timeout = self.call_timeout * REBUILD_TIME_FACTOR
         try:
             exports = self._load(runtime, int(init.get("timestamp", 0)))
         except BaseException:
@@ -627,6 +643,7 @@ class BackendVM:
         finally:
             await scratch.close()
         runtime.rerunning = False
+        runtime.call_timeout = self.call_timeout
         self._runtime = runtime
         # The same as before: the load is deterministic, and so is what it exports.
         self._exports = exports
@@ -703,6 +720,11 @@ class BackendVM:
         self._queued += 1
         try:
             async with self._lock:
+                if _monotonic() >= self._yield_at:
+                    # Calls that arrive together and finish without awaiting would
+                    # otherwise all run before the loop serves anything else.
+                    await asyncio.sleep(0)
+                    self._yield_at = _monotonic() + _MAX_LOOP_HOLD
                 result = await self._execute(method_name, args, user_id, call_fields, simple)
         finally:
             self._queued -= 1
@@ -748,7 +770,16 @@ class BackendVM:
             err = _error_obj(exc.name, exc.message)
             seq = log.stage(_entry(call, archive, err=err, aborted=True, oracles=oracles.records))
             self._runtime = None
-            self._runtime = await self._rebuild()
+            try:
+                self._runtime = await self._rebuild()
+            except LibVMSError as failure:
+                # The aborted call is logged all the same, and its caller must
+                # hear so; the next call tries the rebuild again.
+                logger.error(
+                    "the VM's state could not be rebuilt after an aborted call (%s); "
+                    "the next call tries again",
+                    failure,
+                )
             return CallResult(seq, None, exc)
         except BaseException:
             self._runtime = None

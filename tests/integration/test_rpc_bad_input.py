@@ -373,7 +373,7 @@ async def test_a_vm_whose_storage_failed_is_refused_and_the_operator_told_once(t
                 with pytest.raises(RPCError) as info:
                     await client.foo()
                 assert info.value.code in (ErrorCode.UNAVAILABLE,)
-        told = [r for r in caplog.records if "takes no more calls" in r.getMessage()]
+        told = [r for r in caplog.records if "refuses calls" in r.getMessage()]
         assert len(told) == 1
         # Auditors can still read what was committed.
         checkpoint = vm.call_log.location + "/checkpoint"

@@ -679,6 +679,77 @@ async def test_a_following_replay_reads_the_exports_only_once(tmp_path):
     await vm.close()
 
 
+WORK_CODE = """
+exports.work = (n) => { let x = 0; for (let i = 0; i < n; i++) x = (x + i * 7) % 1000003; return x }
+exports.spin = () => { for (;;) {} };
+exports.ping = () => 'pong';
+"""
+
+
+async def test_a_burst_of_calls_lets_the_event_loop_serve_others_meanwhile():
+    # Calls that arrive together and finish without awaiting used to run all in
+    # one turn of the event loop: one connection's burst froze every other one.
+    vm = await deployed(code=WORK_CODE)
+    loop = asyncio.get_running_loop()
+    seen: list[int] = []
+    burst = 40
+
+    def probe() -> None:
+        seen.append(vm.call_log.length)
+        if vm.call_log.length < burst + 1:
+            loop.call_soon(probe)
+
+    calls = [asyncio.ensure_future(vm.submit("work", [300_000])) for _ in range(burst)]
+    loop.call_soon(probe)
+    await asyncio.gather(*calls)
+    assert any(2 < length < burst for length in seen), seen
+    await vm.close()
+
+
+async def test_a_rebuild_gives_the_calls_it_reruns_more_time_than_live_ones(monkeypatch):
+    from libvms.runtime import JSRuntime
+    from libvms.vm import REBUILD_TIME_FACTOR
+
+    timeouts: list[tuple[bool, float]] = []
+    real_call = JSRuntime.call
+
+    async def call(self, *args, **kwargs):
+        timeouts.append((self.rerunning, self.call_timeout))
+        return await real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(JSRuntime, "call", call)
+    vm = await deployed(code=WORK_CODE, call_timeout=0.5)
+    assert await vm.execute_call("ping") == "pong"
+    with pytest.raises(LimitExceeded):
+        await vm.execute_call("spin")
+    assert await vm.execute_call("ping") == "pong"
+    assert timeouts == [(False, 0.5), (False, 0.5), (True, 0.5 * REBUILD_TIME_FACTOR), (False, 0.5)]
+    await vm.close()
+
+
+async def test_an_aborted_call_is_reported_as_logged_even_if_the_rebuild_fails(
+    tmp_path, monkeypatch
+):
+    vm = await deployed(tmp_path, code=WORK_CODE, call_timeout=0.5)
+    real_rebuild = vm._rebuild
+    failures = []
+
+    async def failing_rebuild():
+        if not failures:
+            failures.append(1)
+            raise ReplayLimitError("entry 1: the replay ran past its own limits", index=1)
+        return await real_rebuild()
+
+    monkeypatch.setattr(vm, "_rebuild", failing_rebuild)
+    result = await vm.submit("spin")
+    assert isinstance(result.error, LimitExceeded) and result.seq == 1
+    reopened = await CallLog.open(tmp_path)  # durable, as its caller was told
+    assert (await reopened.get(1))["result"]["aborted"] is True
+    await reopened.close()
+    assert await vm.execute_call("ping") == "pong"  # the next call rebuilds
+    await vm.close()
+
+
 async def test_rmdir_deletes_recursively_only_when_told_so_plainly():
     code = """
     exports.setup = async () => {

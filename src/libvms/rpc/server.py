@@ -728,8 +728,8 @@ class RPCServer:
                 # Once: every call after it gets the same refusal.
                 mount.failure_logged = True
                 logger.error(
-                    "the VM at %s takes no more calls: %s (its ledgers still serve "
-                    "auditors; restart it to go on, the directory reopens)",
+                    "the VM at %s refuses calls: %s (its ledgers still serve auditors; "
+                    "if it does not recover, restart it: the directory reopens)",
                     mount.path,
                     exc,
                 )

@@ -63,6 +63,7 @@ blocks the event loop while it runs (at most ``call_timeout`` per call).
 
 from __future__ import annotations
 
+import _locale
 import base64
 import hashlib
 import importlib.metadata
@@ -379,8 +380,9 @@ def _ensure_c_numeric_locale() -> None:
     LC_NUMERIC: under a locale whose decimal point is not "." (de_DE, fr_FR...)
     ``JSON.parse('3.75')`` gives 3, and the prelude parses every argument and host
     answer that way. The host process may change its locale at any time (an
-    oracle, a framework), so this is checked before every entry into the engine:
-    a query costs a fraction of a microsecond, and a locale found good is not
+    oracle, a framework), so this is checked when a call, a load or an export
+    read begins and after every host request (the host's code runs then): a
+    query costs a fraction of a microsecond, and a locale found good is not
     examined again.
     """
     global _numeric_locale_ok
@@ -393,7 +395,7 @@ def _ensure_c_numeric_locale() -> None:
     _numeric_locale_ok = name
 
 
-_query_locale = locale.setlocale
+_query_locale = _locale.setlocale
 # The LC_NUMERIC setting last found to read numbers with a ".".
 _numeric_locale_ok: str | None = None
 
@@ -503,6 +505,16 @@ class JSRuntime:
             ) from None
 
     # ------------------------------------------------------------------ public
+
+    @property
+    def call_timeout(self) -> float:
+        """Seconds a call (or a load) may take, host awaits included."""
+        return self._call_timeout
+
+    @call_timeout.setter
+    def call_timeout(self, seconds: float) -> None:
+        check_limits(seconds, self._memory_limit)
+        self._call_timeout = float(seconds)
 
     def load(self, code: str, *, timestamp_ms: int, seed: bytes) -> None:
         """Evaluate ``code`` as a CommonJS module body (``exports`` and ``module`` in scope).
@@ -674,9 +686,11 @@ class JSRuntime:
                     try:
                         result = await host(op, args)
                     except HostError as exc:
+                        _ensure_c_numeric_locale()
                         payload = _dumps_acyclic([req_id, 0, str(exc.name), str(exc.message)])
                         self._settle(_SETTLE, payload, deadline)
                     else:
+                        _ensure_c_numeric_locale()
                         if _monotonic() > deadline:
                             raise self._time_limit()
                         self._settle_result(req_id, op, result, deadline)
@@ -718,6 +732,7 @@ class JSRuntime:
             raise RuntimeError("the runtime is broken (a limit was hit or the host failed)")
         if self._busy:
             raise RuntimeError("the runtime is already running a call")
+        _ensure_c_numeric_locale()  # JS is about to run
 
     def _check_ready(self) -> None:
         self._check_usable()
@@ -767,7 +782,6 @@ class JSRuntime:
         return self._enter_with(deadline, cmd, payload)
 
     def _enter_with(self, deadline: float, *dispatch_args: Any) -> str:
-        _ensure_c_numeric_locale()
         remaining = deadline - _monotonic()
         if remaining <= 0:
             raise self._time_limit()
@@ -784,7 +798,6 @@ class JSRuntime:
 
     def _drain_jobs(self, deadline: float) -> bool:
         """Run pending jobs until none is left; True when at least one ran."""
-        _ensure_c_numeric_locale()
         ctx = self._ctx
         set_time_limit = ctx.set_time_limit
         execute_pending_job = ctx.execute_pending_job
