@@ -90,6 +90,20 @@ async def _session(given: aiohttp.ClientSession | None) -> AsyncIterator[aiohttp
         yield session
 
 
+#: Times a fetch asks again when the server answers that it is busy (503, Retry-After).
+_BUSY_RETRIES = 5
+# Longest wait, in seconds, for a server that answered it is busy.
+_MAX_RETRY_AFTER = 5
+
+
+class _Busy(Exception):
+    """The server answered 503 with Retry-After: ask again after ``delay`` seconds."""
+
+    def __init__(self, delay: int) -> None:
+        super().__init__(delay)
+        self.delay = delay
+
+
 class _Source:
     """One ledger's HTTP endpoints, read with bounded sizes."""
 
@@ -98,12 +112,37 @@ class _Source:
         self.location = location
 
     async def get(self, path: str, limit: int, params: Mapping[str, int] | None = None) -> bytes:
+        """The body of ``GET <location><path>``, at most ``limit`` bytes.
+
+        A server busy sending to other clients answers 503 with ``Retry-After``:
+        that is asked again, a few times, after the delay it names (at most
+        ``_MAX_RETRY_AFTER`` seconds each).
+        """
+        retries = 0
+        while True:
+            try:
+                return await self._get_once(path, limit, params)
+            except _Busy as busy:
+                if retries == _BUSY_RETRIES:
+                    raise ConnectError(
+                        f"GET {self.location + path}: the server stayed busy (HTTP 503) "
+                        f"through {_BUSY_RETRIES} retries"
+                    ) from None
+                retries += 1
+                await asyncio.sleep(busy.delay)
+
+    async def _get_once(
+        self, path: str, limit: int, params: Mapping[str, int] | None = None
+    ) -> bytes:
         import aiohttp  # loaded already: the session is aiohttp's
 
         url = self.location + path
         query = {k: str(v) for k, v in (params or {}).items()}
         try:
             async with self.session.get(url, params=query, allow_redirects=False) as response:
+                retry_after = response.headers.get("Retry-After", "")
+                if response.status == 503 and retry_after.isdigit():
+                    raise _Busy(min(int(retry_after), _MAX_RETRY_AFTER))
                 if response.status != 200:
                     detail = (await response.content.read(300)).decode("utf-8", "replace")
                     raise ConnectError(

@@ -240,3 +240,52 @@ async def test_without_a_send_timeout_a_client_that_stops_reading_is_kept(stall_
 def test_send_timeout_must_be_positive(timeout):
     with pytest.raises(ValueError, match="send_timeout"):
         RPCServer(send_timeout=timeout)
+
+
+async def test_http_clients_that_do_not_read_are_bounded_then_dropped(stall_log):
+    """Large HTTP bodies count toward max_http_body_bytes while they are sent, and a
+    client that does not take them within send_timeout is dropped: clients that
+    ask for files and never read cannot make the server hold unbounded memory."""
+    import hashlib
+
+    import aiohttp
+
+    from libvms.remote import fetch_files_archive
+
+    size = 12 * 2**20
+    vm = BackendVM("exports.put = async (n) => System.files.writeFile('/big', 'x'.repeat(n))")
+    await vm.deploy(None)
+    await vm.execute_call("put", [size])
+    blob = hashlib.sha256(b"x" * size).hexdigest()
+    server = RPCServer(vm, port=0, send_timeout=1.0, max_http_body_bytes=size + size // 2)
+    await server.start()
+    url = f"{server.http_url()}/files/blobs/{blob}"
+    loop = asyncio.get_running_loop()
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.setblocking(False)
+    try:
+        await loop.sock_connect(stalled, ("127.0.0.1", server.port))
+        await loop.sock_sendall(
+            stalled, f"GET /files/blobs/{blob} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+        head = await loop.sock_recv(stalled, 12)  # the server has begun to send: then stop
+        assert head == b"HTTP/1.1 200"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url) as busy:
+                assert busy.status == 503 and busy.headers["Retry-After"] == "1"
+            # The library's fetch asks again after the delay the server names.
+            fetched = await fetch_files_archive(vm.files_archive.url)
+            assert stall_log.closed.is_set()  # the stalled client was dropped meanwhile
+            assert await fetched.read_file("/big") == "x" * size
+            await fetched.close()
+            async with http.get(url) as response:
+                assert response.status == 200
+                assert hashlib.sha256(await response.read()).hexdigest() == blob
+            async with http.get(f"{server.http_url()}/log/entries?start=0") as entries:
+                assert entries.status == 200  # small bodies are not held back
+        assert server._body_bytes == 0
+    finally:
+        stalled.close()
+        await server.close()
+        await vm.close()

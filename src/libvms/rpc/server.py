@@ -88,6 +88,15 @@ CLOSE_TIMEOUT = 5.0
 #: Default seconds a reply may wait for the client to read before its connection is closed.
 SEND_TIMEOUT = 10.0
 
+#: Default bytes of HTTP response bodies (files, pages of entries) the server holds
+#: at once for clients still receiving them.
+MAX_HTTP_BODY_BYTES = 256 * 2**20
+
+# HTTP bodies past this size are sent in chunks of _BODY_CHUNK bytes, each within
+# send_timeout, and count toward max_http_body_bytes while they are sent.
+_SMALL_BODY = 64 * 1024
+_BODY_CHUNK = 1024 * 1024
+
 # A mount path: "/" or "/" followed by segments of unreserved URL characters.
 _SEGMENT = re.compile(r"[A-Za-z0-9._~-]+")
 _RESERVED_SEGMENTS = frozenset({"log", "files"})
@@ -211,6 +220,11 @@ class RPCServer:
       does not read its replies for that long, so that the connection's write
       buffer stays full, is closed with code 1008 (its calls still finish and are
       logged). ``None`` waits for as long as the heartbeat keeps the connection up.
+      An HTTP client must likewise take each MiB of a response within it;
+    * ``max_http_body_bytes``: bytes of HTTP response bodies (files, pages of
+      entries) held at once for clients still receiving them (256 MiB); a request
+      past it gets ``503`` with ``Retry-After``, so that clients that do not read
+      cannot make the server hold unbounded memory.
     """
 
     def __init__(
@@ -225,6 +239,7 @@ class RPCServer:
         allow_unsigned: bool = True,
         heartbeat: float | None = 30.0,
         send_timeout: float | None = SEND_TIMEOUT,
+        max_http_body_bytes: int = MAX_HTTP_BODY_BYTES,
     ) -> None:
         if max_message_bytes < 1024:
             raise ValueError("max_message_bytes must be at least 1024")
@@ -232,6 +247,8 @@ class RPCServer:
             raise ValueError("max_in_flight must be at least 1")
         if send_timeout is not None and not send_timeout > 0:
             raise ValueError("send_timeout must be positive, or None")
+        if max_http_body_bytes < 1:
+            raise ValueError("max_http_body_bytes must be positive")
         self.host = host
         self._port = port
         self.max_message_bytes = max_message_bytes
@@ -240,6 +257,9 @@ class RPCServer:
         self.allow_unsigned = allow_unsigned
         self.heartbeat = heartbeat
         self.send_timeout = send_timeout
+        self.max_http_body_bytes = max_http_body_bytes
+        # Bytes of HTTP bodies being sent now (see max_http_body_bytes).
+        self._body_bytes = 0
         self._mounts: dict[str, _Mount] = {}
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -413,7 +433,11 @@ class RPCServer:
                 return web.json_response(self._handshake(request, mount))
             parts = rest.strip("/").split("/")
             if parts[0] in _RESERVED_SEGMENTS:
-                return self._ledger_endpoint(request, mount, parts[0], parts[1:])
+                response = self._ledger_endpoint(request, mount, parts[0], parts[1:])
+                body = response.body
+                if request.method == "GET" and isinstance(body, bytes) and len(body) > _SMALL_BODY:
+                    return await self._send_body(request, response, body)
+                return response
             raise _HTTPError(404, "not found")
         except _HTTPError as exc:
             return _text(exc.status, exc.message + "\n")
@@ -421,11 +445,51 @@ class RPCServer:
             logger.error("refusing to serve corrupt data at %s: %s", request.path, exc)
             return _text(500, "stored data does not verify\n")
 
+    async def _send_body(
+        self, request: web.Request, response: web.Response, body: bytes
+    ) -> web.StreamResponse:
+        """Send a large body in chunks, each within ``send_timeout``, while it counts
+        toward ``max_http_body_bytes``; ``503`` when that bound is reached."""
+        size = len(body)
+        if self._body_bytes + size > self.max_http_body_bytes:
+            busy = _text(503, "the server is busy sending to other clients; retry shortly\n")
+            busy.headers["Retry-After"] = "1"
+            return busy
+        self._body_bytes += size
+        try:
+            stream = web.StreamResponse(status=response.status)
+            stream.content_type = response.content_type
+            if response.charset is not None:
+                stream.charset = response.charset
+            stream.content_length = size
+            await stream.prepare(request)
+            view = memoryview(body)
+            for start in range(0, size, _BODY_CHUNK):
+                write = stream.write(view[start : start + _BODY_CHUNK])
+                try:
+                    await asyncio.wait_for(write, self.send_timeout)
+                except asyncio.TimeoutError:
+                    logger.warning(
+                        "dropping the HTTP connection of %s to %s: %d bytes could not be "
+                        "sent within %g s (the client does not read)",
+                        request.remote,
+                        request.path,
+                        size - start,
+                        self.send_timeout,
+                    )
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return stream
+            await stream.write_eof()
+            return stream
+        finally:
+            self._body_bytes -= size
+
     # -- HTTP ledger endpoints -------------------------------------------------
 
     def _ledger_endpoint(
         self, request: web.Request, mount: _Mount, kind: str, sub: list[str]
-    ) -> web.StreamResponse:
+    ) -> web.Response:
         ledger = mount.ledger(kind)
         try:
             text, size = mount.checkpoint(kind)
