@@ -32,7 +32,7 @@ from .remote import fetch_call_log, fetch_files_archive, http_timeout, refresh
 from .rpc import protocol
 from .rpc.protocol import BackendInfo
 from .signed import DEFAULT_WINDOW_MS, CallReceipt, verify_call_entry
-from .vm import BackendVM, ReplayStats, compare_entry, differences
+from .vm import BackendVM, ReplayStats, compare_entry, differences, runtime_warnings
 
 if TYPE_CHECKING:
     import aiohttp
@@ -676,6 +676,9 @@ class Auditor:
         def progress(done: int, _total: int) -> None:
             self._tick("replay", done, total)
 
+        # Said whatever the replay finds: a mismatch under another runtime may
+        # be the runtime's, not the host's.
+        self.report.warnings.extend(runtime_warnings(await self.log.get(0)))
         try:
             self.replay = await BackendVM.from_call_log(
                 self.log,
@@ -689,7 +692,6 @@ class Auditor:
         except VerificationError as exc:
             self._replay_problem(exc)
             return
-        self.report.warnings.extend(self.replay.warnings)
         announced, exported = list(self.info.methods), protocol.rpc_methods(self.replay.methods)
         if announced != exported:
             self.report.problems.append(

@@ -45,7 +45,9 @@ from .log import KEY_FILENAME as LOG_KEY_FILENAME
 from .runtime.js import (
     ENGINE_NAME,
     ENGINE_VERSION,
+    MAX_CALL_TIMEOUT,
     PRELUDE_VERSION,
+    SUPPORTED_PRELUDE_VERSIONS,
     CallOutcome,
     HostError,
     JSRuntime,
@@ -105,6 +107,39 @@ OracleFn = Callable[..., Any]
 def runtime_info() -> dict[str, str]:
     """What the init entry records about the engine, so replays can warn on a mismatch."""
     return {"engine": ENGINE_NAME, "version": ENGINE_VERSION, "prelude": PRELUDE_VERSION}
+
+
+def _logged_prelude(init: Any) -> str | None:
+    """The behaviour version a log was begun with, if this runtime runs it: the VM
+    keeps running, and every replay runs, the log under the rules it ran under."""
+    recorded = init.get("runtime") if isinstance(init, dict) else None
+    version = recorded.get("prelude") if isinstance(recorded, dict) else None
+    return version if version in SUPPORTED_PRELUDE_VERSIONS else None
+
+
+def runtime_warnings(init: Any) -> list[str]:
+    """What an audit should say about the runtime a log names, against this one's."""
+    recorded = init.get("runtime") if isinstance(init, dict) else None
+    if not isinstance(recorded, dict):
+        return [f"the log names no runtime; replaying with {_describe_runtime(runtime_info())}"]
+    warnings = []
+    if (recorded.get("engine"), recorded.get("version")) != (ENGINE_NAME, ENGINE_VERSION):
+        warnings.append(
+            f"the log was written by {_describe_runtime(recorded)}; replaying with "
+            f"{_describe_runtime(runtime_info())}: results of floating-point Math "
+            "functions may differ"
+        )
+    if _logged_prelude(init) is None:
+        warnings.append(
+            f"the log was written with prelude {recorded.get('prelude')!r}, which this "
+            f"libvms does not run (it runs {', '.join(SUPPORTED_PRELUDE_VERSIONS)}); "
+            f"replaying with prelude {PRELUDE_VERSION}: the script's environment differs"
+        )
+    return warnings
+
+
+def _describe_runtime(info: dict[str, Any]) -> str:
+    return f"{info.get('engine')} {info.get('version')} (prelude {info.get('prelude')})"
 
 
 def derive_seed(init_leaf: bytes, seq: int) -> bytes:
@@ -412,6 +447,9 @@ class BackendVM:
         #: ``getInfo`` shows, live and in replay, wherever the archive is served.
         self._identity: tuple[str, str] | None = None
         self._logger = logger
+        # The behaviour version the VM's log runs under: a new log's is this
+        # libvms's; a reopened or replayed log keeps the one it was begun with.
+        self._prelude_version = PRELUDE_VERSION
 
     # -- configuration ---------------------------------------------------------
 
@@ -438,7 +476,10 @@ class BackendVM:
 
     def _new_runtime(self) -> JSRuntime:
         return JSRuntime(
-            call_timeout=self.call_timeout, memory_limit=self.memory_limit, logger=self._logger
+            call_timeout=self.call_timeout,
+            memory_limit=self.memory_limit,
+            logger=self._logger,
+            prelude_version=self._prelude_version,
         )
 
     def _load(self, runtime: JSRuntime, timestamp: int) -> dict[str, Any]:
@@ -459,6 +500,10 @@ class BackendVM:
                 exports[name] = runtime.export_value(name)
             except EncodingError as exc:
                 raise ScriptError(f"the script's exports are not JSON: {exc}") from None
+        if runtime.prelude_version == "2":
+            # Version 2 logs were begun by a deploy that listed the exports once
+            # more (to find init): what their script code saw then.
+            runtime.export_names()
         return exports
 
     # -- deploy ----------------------------------------------------------------
@@ -578,6 +623,7 @@ class BackendVM:
             init = await log.get(0)
             if not isinstance(init, dict) or init.get("code") != self.code:
                 raise LibVMSError(f"{directory} holds a VM with a different script")
+            self._prelude_version = _logged_prelude(init) or PRELUDE_VERSION
             if not same_ledger(str(init.get("filesArchiveUrl")), archive.url):
                 raise TamperError(f"{directory}: the call log names another files archive")
         except BaseException:
@@ -619,13 +665,13 @@ class BackendVM:
         init = await source.get(0)
         runtime = self._new_runtime()
         runtime.rerunning = True  # its console lines were shown when the calls ran
-        runtime.call_timeout = self.call_timeout * REBUILD_TIME_FACTOR
         try:
+            runtime.call_timeout = min(self.call_timeout * REBUILD_TIME_FACTOR, MAX_CALL_TIMEOUT)
             exports = self._load(runtime, int(init.get("timestamp", 0)))
+            scratch = await FilesArchive.create(None, self.files_archive.title)
         except BaseException:
             runtime.close()
             raise
-        scratch = await FilesArchive.create(None, self.files_archive.title)
         try:
             async for seq, entry, raw, produced in self._replay_entries(
                 runtime, scratch, source, 1, _runs_init(exports)
@@ -772,15 +818,20 @@ class BackendVM:
             self._runtime = None
             try:
                 self._runtime = await self._rebuild()
-            except LibVMSError as failure:
+            except Exception as failure:
                 # The aborted call is logged all the same, and its caller must
                 # hear so; the next call tries the rebuild again.
-                logger.error(
+                self._logger.error(
                     "the VM's state could not be rebuilt after an aborted call (%s); "
                     "the next call tries again",
                     failure,
                 )
             return CallResult(seq, None, exc)
+        except VMCallError as exc:
+            if exc.name != "MethodNotFound":
+                self._runtime = None
+                raise
+            outcome = _vanished(method)
         except BaseException:
             self._runtime = None
             raise
@@ -896,9 +947,11 @@ class BackendVM:
                 index=seq,
             ) from None
         except VMCallError as exc:
-            raise VerificationError(
-                f"entry {seq}: {exc}", index=seq, field="call.methodName", found=method
-            ) from None
+            if exc.name != "MethodNotFound":
+                raise VerificationError(
+                    f"entry {seq}: {exc}", index=seq, field="call.methodName", found=method
+                ) from None
+            outcome = _vanished(method)
         host.commit()
         return _outcome_entry(call, archive, _loggable(outcome)[0], oracles.records)
 
@@ -942,17 +995,22 @@ class BackendVM:
         if not isinstance(code, str):
             raise VerificationError("init entry has no script code", index=0, field="code")
         vm = cls(code, call_timeout=call_timeout, memory_limit=memory_limit)
-        recorded_runtime = init.get("runtime")
-        if recorded_runtime != runtime_info():
-            vm.warnings.append(
-                f"the log was written by runtime {recorded_runtime!r}; replaying with "
-                f"{runtime_info()!r}: results of floating-point Math functions may differ"
-            )
+        vm._prelude_version = _logged_prelude(init) or PRELUDE_VERSION
+        vm.warnings.extend(runtime_warnings(init))
         runtime = vm._new_runtime()
         try:
             exports = vm._load(runtime, int(init.get("timestamp", 0)))
         except BaseException as exc:
             runtime.close()
+            thrown_null = isinstance(exc, ScriptError) and str(exc).split("\n")[0] == "Error: null"
+            if isinstance(exc, LimitExceeded) or thrown_null:
+                # Where memory runs out depends on the limit: the host's may be higher.
+                raise ReplayLimitError(
+                    f"the logged script does not load within the replay's limits ({exc}); "
+                    "that says nothing about the host: replay with the host's memory_limit "
+                    "and call_timeout",
+                    index=0,
+                ) from None
             if isinstance(exc, ScriptError):
                 raise VerificationError(f"the logged script does not load: {exc}", index=0) from exc
             raise
@@ -1243,6 +1301,19 @@ def _loggable(outcome: CallOutcome) -> tuple[CallOutcome, bool]:
         error = ("EncodingError", f"the result cannot be logged: {exc}")
         return CallOutcome(None, False, error, outcome.virtual_ms), True
     return outcome, simple
+
+
+def _vanished(method: str) -> CallOutcome:
+    """The outcome of a call of a method the script exported once it loaded but
+    exports no more (a call deleted it): a ``TypeError``, logged and replayed as
+    any thrown error, since reaching that verdict may have run script code (a
+    Proxy's traps)."""
+    return CallOutcome(
+        None,
+        False,
+        ("TypeError", f"{method} is not a function: the script's exports no longer hold it"),
+        0,
+    )
 
 
 def _outcome_entry(

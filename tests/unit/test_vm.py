@@ -3,6 +3,7 @@
 import asyncio
 import hashlib
 import logging
+import sqlite3
 import struct
 
 import pytest
@@ -150,8 +151,9 @@ async def test_doubles_past_2_53_in_arguments_and_results_replay_and_reopen(tmp_
         ({"memory_limit": 0}, "memory_limit must be from 1"),
         ({"memory_limit": 10**30}, "memory_limit must be from"),
         ({"memory_limit": 64.5 * 2**20}, "whole number of bytes"),
-        ({"call_timeout": float("nan")}, "finite number of seconds"),
-        ({"call_timeout": 0}, "finite number of seconds"),
+        ({"call_timeout": float("nan")}, "above 0 and at most"),
+        ({"call_timeout": 1e7}, "above 0 and at most"),
+        ({"call_timeout": 0}, "above 0 and at most"),
         ({"call_timeout": "5"}, "number of seconds"),
     ],
 )
@@ -648,6 +650,13 @@ async def test_exports_are_read_once_right_after_the_load_on_every_path(tmp_path
     assert vm.methods == methods
     with pytest.raises(VMCallError, match="not an exported function"):
         await vm.execute_call("extra")
+    # A method the call removed is logged as the script's TypeError, and costs no
+    # rebuild of the state (a request for it could otherwise force one each time).
+    runtime = vm._runtime
+    with pytest.raises(VMCallError, match="TypeError: inc is not a function"):
+        await vm.execute_call("inc")
+    assert vm._runtime is runtime
+    assert (await vm.call_log.get(vm.call_log.length - 1))["result"]["err"]["name"] == "TypeError"
     # ... and one that leaves an export that is not JSON does not stop a reopen.
     assert await vm.execute_call("poison") == "poisoned"
     await vm.close()
@@ -727,8 +736,15 @@ async def test_a_rebuild_gives_the_calls_it_reruns_more_time_than_live_ones(monk
     await vm.close()
 
 
+@pytest.mark.parametrize(
+    "failure",
+    [
+        ReplayLimitError("entry 1: the replay ran past its own limits", index=1),
+        sqlite3.OperationalError("disk I/O error"),
+    ],
+)
 async def test_an_aborted_call_is_reported_as_logged_even_if_the_rebuild_fails(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, failure
 ):
     vm = await deployed(tmp_path, code=WORK_CODE, call_timeout=0.5)
     real_rebuild = vm._rebuild
@@ -737,7 +753,7 @@ async def test_an_aborted_call_is_reported_as_logged_even_if_the_rebuild_fails(
     async def failing_rebuild():
         if not failures:
             failures.append(1)
-            raise ReplayLimitError("entry 1: the replay ran past its own limits", index=1)
+            raise failure
         return await real_rebuild()
 
     monkeypatch.setattr(vm, "_rebuild", failing_rebuild)
@@ -748,6 +764,77 @@ async def test_an_aborted_call_is_reported_as_logged_even_if_the_rebuild_fails(
     await reopened.close()
     assert await vm.execute_call("ping") == "pong"  # the next call rebuilds
     await vm.close()
+
+
+async def test_a_script_that_does_not_load_within_the_auditors_limits_is_undecided():
+    code = (
+        "const big = []; for (let i = 0; i < 100000; i++) big.push({i});\n"
+        "exports.n = () => big.length"
+    )
+    vm = await deployed(code=code)
+    assert await vm.execute_call("n") == 100_000
+    assertions = {"files_archive_url": vm.files_archive.url}
+    for limit in (1536 * 1024, 4 << 20):  # out of memory, or so far out that it throws null
+        with pytest.raises(ReplayLimitError, match="does not load within the replay's limits"):
+            await BackendVM.from_call_log(vm.call_log, assertions, check=True, memory_limit=limit)
+    await vm.close()
+
+
+async def test_requests_a_call_made_before_a_limit_ended_it_are_not_served():
+    code = """
+    exports.f = () => new Promise(() => {
+      setTimeout(() => { System.files.writeFile('/late', 'x'); throw null }, 0);
+    });
+    exports.ls = () => System.files.readdir('/');
+    """
+    vm = await deployed(code=code)
+    with pytest.raises(VMCallError, match="Error: null"):
+        await vm.execute_call("f")
+    assert await vm.execute_call("ls") == []
+    await _replays(vm)
+
+
+async def test_a_log_keeps_the_behaviour_version_it_was_begun_with(tmp_path, monkeypatch):
+    """A log begun under prelude 2 replays and reopens under 2's rules: a limit in a
+    timer went to the console, a failed conversion gave the placeholder, and the
+    deploy listed the exports twice (what a Proxy's traps saw)."""
+    import libvms.vm as vm_module
+
+    code = """
+    let listed = 0;
+    module.exports = new Proxy({
+      timer: () => new Promise(r => {
+        setTimeout(() => { throw null }, 0);
+        setTimeout(() => r('on'), 5);
+      }),
+      conv: () => { throw { toString() { throw null } } },
+      listed: () => listed,
+    }, { ownKeys(t) { listed++; return Reflect.ownKeys(t) } });
+    """
+    placeholder = "Error: <the thrown value could not be converted to a string>"
+    monkeypatch.setattr(vm_module, "PRELUDE_VERSION", "2")
+    old = await deployed(tmp_path, code=code)
+    monkeypatch.undo()
+    assert (await old.call_log.get(0))["runtime"]["prelude"] == "2"
+    assert await old.execute_call("timer") == "on"
+    with pytest.raises(VMCallError, match=placeholder):
+        await old.execute_call("conv")
+    assert await old.execute_call("listed") == 2
+    await old.close()
+    vm = await deployed(tmp_path, code=code)  # reopened by this libvms: still version 2
+    assert await vm.execute_call("timer") == "on"
+    assert await vm.execute_call("listed") == 2
+    replay = await BackendVM.from_call_log(
+        vm.call_log, {"files_archive_url": vm.files_archive.url}, check=True
+    )
+    assert replay.warnings == []
+    await replay.close()
+    await vm.close()
+    new = await deployed(code=code)  # a new log runs this version's rules
+    with pytest.raises(VMCallError, match="Error: null"):
+        await new.execute_call("timer")
+    assert await new.execute_call("listed") == 1
+    await new.close()
 
 
 async def test_rmdir_deletes_recursively_only_when_told_so_plainly():

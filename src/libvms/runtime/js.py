@@ -73,7 +73,6 @@ import json.encoder
 import json.scanner
 import locale
 import logging
-import math
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -94,8 +93,10 @@ from ..errors import EncodingError, LimitExceeded, ScriptError, VMCallError
 __all__ = [
     "ENGINE_NAME",
     "ENGINE_VERSION",
+    "MAX_CALL_TIMEOUT",
     "MAX_MEMORY_LIMIT",
     "PRELUDE_VERSION",
+    "SUPPORTED_PRELUDE_VERSIONS",
     "CallOutcome",
     "HostError",
     "HostHandler",
@@ -113,8 +114,16 @@ ENGINE_VERSION: str = importlib.metadata.version("quickjs-ng")
 #: see a difference (globals, Date formatting, PRNG, timer order, encodings...).
 PRELUDE_VERSION = "3"
 
+#: The behaviour versions a runtime can run: a log keeps the one it was begun
+#: with (its init entry's ``runtime.prelude``), so that it replays as it ran.
+SUPPORTED_PRELUDE_VERSIONS = ("2", "3")
+
 #: Largest memory limit accepted (256 TiB): past it the limit is no limit at all.
 MAX_MEMORY_LIMIT = 2**48
+
+#: Largest call_timeout accepted, in seconds (about 11.6 days): the engine's own
+#: time limit overflows far beyond it.
+MAX_CALL_TIMEOUT = 1e6
 
 #: Console lines kept per call (or load); further lines are dropped with a note.
 MAX_LOG_LINES = 1000
@@ -204,15 +213,16 @@ _PRELUDE_SOURCE = (
 
 
 def check_limits(call_timeout: float, memory_limit: int) -> None:
-    """Raise :class:`ValueError` unless the limits can bound a script: a finite
-    positive ``call_timeout`` (seconds) and an integer ``memory_limit`` from 1 to
-    :data:`MAX_MEMORY_LIMIT` bytes (a limit too small for the sandbox to start is
-    :class:`LimitExceeded` when it starts)."""
+    """Raise :class:`ValueError` unless the limits can bound a script: a positive
+    ``call_timeout`` of at most :data:`MAX_CALL_TIMEOUT` seconds and an integer
+    ``memory_limit`` from 1 to :data:`MAX_MEMORY_LIMIT` bytes (a limit too small
+    for the sandbox to start is :class:`LimitExceeded` when it starts)."""
     if isinstance(call_timeout, bool) or not isinstance(call_timeout, (int, float)):
         raise ValueError(f"call_timeout must be a number of seconds, not {call_timeout!r}")
-    if not (call_timeout > 0 and math.isfinite(call_timeout)):
+    if not (0 < call_timeout <= MAX_CALL_TIMEOUT):
         raise ValueError(
-            f"call_timeout must be a finite number of seconds above 0, not {call_timeout!r}"
+            f"call_timeout must be a number of seconds above 0 and at most "
+            f"{MAX_CALL_TIMEOUT:g}, not {call_timeout!r}"
         )
     if isinstance(memory_limit, bool) or not isinstance(memory_limit, int):
         raise ValueError(f"memory_limit must be a whole number of bytes, not {memory_limit!r}")
@@ -468,9 +478,17 @@ class JSRuntime:
         memory_limit: int = 64 * 2**20,
         max_stack: int = 512 * 1024,
         logger: logging.Logger | None = None,
+        prelude_version: str = PRELUDE_VERSION,
     ) -> None:
         _ensure_c_numeric_locale()
         check_limits(call_timeout, memory_limit)
+        if prelude_version not in SUPPORTED_PRELUDE_VERSIONS:
+            raise ValueError(
+                f"prelude version {prelude_version!r} is not one this runtime runs "
+                f"({', '.join(SUPPORTED_PRELUDE_VERSIONS)})"
+            )
+        #: The behaviour version this runtime runs (see SUPPORTED_PRELUDE_VERSIONS).
+        self.prelude_version = prelude_version
         self.broken = False
         self._call_timeout = float(call_timeout)
         self._memory_limit = int(memory_limit)
@@ -492,6 +510,7 @@ class JSRuntime:
                         "maxDepth": MAX_DEPTH,
                         "maxLogLines": MAX_LOG_LINES,
                         "maxLogChars": MAX_LOG_CHARS,
+                        "version": int(prelude_version),
                     }
                 )
             )

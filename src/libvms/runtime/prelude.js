@@ -103,6 +103,10 @@
   const MAX_DEPTH = config.maxDepth;
   const MAX_LOG_LINES = config.maxLogLines;
   const MAX_LOG_CHARS = config.maxLogChars;
+  // The behaviour version of the log being run (docs/formats.md, "runtime"):
+  // from 3 on, the machine's limits met in timers, microtasks and error
+  // conversions end the call; version 2 logs keep version 2's behaviour.
+  const LIMITS_END_CALLS = config.version >= 3;
 
   // Arrays with no prototype: index writes and reads never reach a setter or
   // getter a script could have put on Array.prototype.
@@ -179,15 +183,19 @@
       message = '<the thrown value could not be converted to a string>';
       // Converting it hit a limit: the limit, not the value, is what to report
       // (a run under other limits would convert it).
-      if (inner === null) {
+      if (!LIMITS_END_CALLS) {
+        // version 2: the placeholder, whatever the conversion met
+      } else if (inner === null) {
         message = 'null';
       } else {
         try {
-          const innerName = StringCtor(inner.name);
-          const innerMessage = StringCtor(inner.message);
-          if (inner instanceof ErrorCtor && isResourcePair([innerName, innerMessage])) {
-            name = innerName;
-            message = innerMessage;
+          if (inner instanceof ErrorCtor) {
+            const innerName = StringCtor(inner.name);
+            const innerMessage = StringCtor(inner.message);
+            if (isResourcePair([innerName, innerMessage])) {
+              name = innerName;
+              message = innerMessage;
+            }
           }
         } catch (_) {
           // not an error that names a limit
@@ -1017,7 +1025,7 @@
   }
   function reportUncaught(where, e) {
     const pair = errorPair(e);
-    if (fatalPair === null && isResourcePair(pair)) fatalPair = pair;
+    if (LIMITS_END_CALLS && fatalPair === null && isResourcePair(pair)) fatalPair = pair;
     addLog('error', 'Uncaught exception in ' + where + ': ' + pair[0] + ': ' + pair[1]);
   }
   // Errors that say where the machine's limits struck, not what the script did:
@@ -1492,7 +1500,11 @@
       resultKind = 2;
       resultText = pairJSON(fatalPair);
       fatalPair = null;
-      outbox = list(); // the call's unserved requests die with it
+      // The call's requests not yet taken die with it (those the host took
+      // before were served), and so do their promises: at the end of a call
+      // every request taken has been answered, so all that is pending is theirs.
+      outbox = list();
+      apply(MapClear, pending, []);
       callToken++; // and its late reactions are ignored
       return doneStatus();
     }
