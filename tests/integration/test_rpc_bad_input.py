@@ -357,6 +357,21 @@ async def test_a_malformed_http_request_gets_400_and_one_log_line(served, caplog
     await still_works(server)
 
 
+def test_a_client_gone_before_its_answer_is_one_debug_line(caplog):
+    # What aiohttp logs when a client resets its connection before the answer to
+    # its request (a WebSocket upgrade, say) is written: routine on a public port.
+    caplog.set_level(logging.DEBUG, logger="libvms.rpc.http")
+    gone = ConnectionResetError("Cannot write to closing transport")
+    logging.getLogger("libvms.rpc.http").error(
+        "Error handling request from %s", "127.0.0.1", exc_info=gone
+    )
+    (record,) = [r for r in caplog.records if r.name == "libvms.rpc.http"]
+    assert record.levelno == logging.DEBUG and record.exc_info is None
+    assert record.getMessage() == (
+        "127.0.0.1 went away before its answer was written: Cannot write to closing transport"
+    )
+
+
 async def test_a_vm_whose_storage_failed_is_refused_and_the_operator_told_once(tmp_path, caplog):
     vm = BackendVM(SCRIPT)
     await vm.deploy(tmp_path)

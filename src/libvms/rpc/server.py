@@ -60,11 +60,20 @@ logger = logging.getLogger("libvms.rpc")
 class _MalformedHTTPFilter(logging.Filter):
     """Turns aiohttp's report of a request it could not parse (garbage, TLS sent
     to a plain port, an overlong line) from an error with a traceback into one
-    line at INFO: on a public port these are the client's fault, and routine."""
+    line at INFO, and its report of a client that went away before its answer was
+    written into one line at DEBUG: on a public port these are the client's
+    doing, and routine."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
+        if isinstance(exc, ConnectionResetError):
+            args = record.args
+            where = args[0] if isinstance(args, tuple) and len(args) == 1 else "a client"
+            record.msg = "%s went away before its answer was written: %s"
+            record.args = (where, str(exc)[:200])
+            record.exc_info = None
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        elif isinstance(exc, HttpProcessingError):
             reason = str(exc.message).strip().split("\n", 1)[0][:200]
             args = record.args
             where = args[0] if isinstance(args, tuple) and len(args) == 1 else "a client"
