@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import re
 import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
@@ -94,6 +95,7 @@ async def _session(given: aiohttp.ClientSession | None) -> AsyncIterator[aiohttp
 _BUSY_RETRIES = 5
 # Longest wait, in seconds, for a server that answered it is busy.
 _MAX_RETRY_AFTER = 5
+_SECONDS = re.compile(r"[0-9]{1,6}")
 
 
 class _Busy(Exception):
@@ -141,7 +143,7 @@ class _Source:
         try:
             async with self.session.get(url, params=query, allow_redirects=False) as response:
                 retry_after = response.headers.get("Retry-After", "")
-                if response.status == 503 and retry_after.isdigit():
+                if response.status == 503 and _SECONDS.fullmatch(retry_after):
                     raise _Busy(min(int(retry_after), _MAX_RETRY_AFTER))
                 if response.status != 200:
                     detail = (await response.content.read(300)).decode("utf-8", "replace")

@@ -549,6 +549,7 @@ class BackendVM:
 
     async def _create(self, dir: str | Path | None, title: str, lock: DirectoryLock | None) -> None:
         """Deploy afresh in one commit."""
+        self._prelude_version = PRELUDE_VERSION  # a new log runs this libvms's rules
         timestamp = _now_ms()
         runtime = self._new_runtime()
         try:
@@ -628,7 +629,15 @@ class BackendVM:
             init = await log.get(0)
             if not isinstance(init, dict) or init.get("code") != self.code:
                 raise LibVMSError(f"{directory} holds a VM with a different script")
-            self._prelude_version = _logged_prelude(init) or PRELUDE_VERSION
+            logged = _logged_prelude(init)
+            if logged is None:
+                self._logger.warning(
+                    "%s: %s; its new calls run under prelude %s",
+                    directory,
+                    "; ".join(runtime_warnings(init)),
+                    PRELUDE_VERSION,
+                )
+            self._prelude_version = logged or PRELUDE_VERSION
             if not same_ledger(str(init.get("filesArchiveUrl")), archive.url):
                 raise TamperError(f"{directory}: the call log names another files archive")
         except BaseException:
@@ -679,7 +688,7 @@ class BackendVM:
             raise
         try:
             async for seq, entry, raw, produced in self._replay_entries(
-                runtime, scratch, source, 1, _runs_init(exports)
+                runtime, scratch, source, 1, exports
             ):
                 compare_entry(seq, raw, produced, entry)
                 if seq % 1000 == 0:
@@ -839,7 +848,7 @@ class BackendVM:
                 )
             return CallResult(seq, None, exc)
         except VMCallError as exc:
-            if exc.name != "MethodNotFound":
+            if not _vanishes(exc, runtime, self._exports, method):
                 self._runtime = None
                 raise
             outcome = _vanished(method)
@@ -866,12 +875,13 @@ class BackendVM:
         archive: FilesArchive,
         source: CallLog,
         start: int,
-        runs_init: bool,
+        exports: Mapping[str, Any],
     ) -> AsyncIterator[tuple[int, Any, bytes, dict[str, Any]]]:
         """Replay ``source``'s entries from ``start`` on; yields (seq, entry, logged, produced).
 
-        ``runs_init``: the loaded script exports a function ``init``.
+        ``exports``: what the script exported once it loaded (its methods).
         """
+        runs_init = _runs_init(exports)
         total = source.length
         init_leaf = source.ledger.tree.leaf(0)
         identity = _archive_identity(source.ledger.get(0), archive.title)
@@ -896,7 +906,7 @@ class BackendVM:
                     await asyncio.sleep(0)
                 entry = encoding.parse_verified(raw)
                 produced = await self._replay_entry(
-                    runtime, archive, entry, seq, init_leaf, runs_init, identity
+                    runtime, archive, entry, seq, init_leaf, exports, identity
                 )
                 self._last_timestamp = max(self._last_timestamp, int(entry["call"]["timestamp"]))
                 yield seq, entry, raw, produced
@@ -909,14 +919,16 @@ class BackendVM:
         entry: Any,
         seq: int,
         init_leaf: bytes,
-        runs_init: bool,
+        exports: Mapping[str, Any],
         identity: tuple[str, str],
     ) -> dict[str, Any]:
         """Re-execute logged call ``seq`` on ``archive``; returns the entry it produces.
 
-        ``runs_init``: the script exports ``init``, so entry 1 must be its call.
+        ``exports``: what the script exported once it loaded; if that holds a
+        function ``init``, entry 1 must be its call.
         ``identity``: the VM's files archive URL and title, for ``getInfo``.
         """
+        runs_init = _runs_init(exports)
         try:
             if not isinstance(entry, dict) or entry.get("type") != "call":
                 raise TypeError("not a call entry")
@@ -958,7 +970,8 @@ class BackendVM:
                 index=seq,
             ) from None
         except VMCallError as exc:
-            if exc.name != "MethodNotFound":
+            if not _vanishes(exc, runtime, exports, method):
+                # Never a method of the script: no honest host logs a call of it.
                 raise VerificationError(
                     f"entry {seq}: {exc}", index=seq, field="call.methodName", found=method
                 ) from None
@@ -1080,7 +1093,7 @@ class BackendVM:
         stats = stats if stats is not None else ReplayStats()
         first, total = log.length, call_log.length
         async for seq, entry, raw, produced in self._replay_entries(
-            runtime, archive, call_log, first, _runs_init(self._exports)
+            runtime, archive, call_log, first, self._exports
         ):
             if check:
                 # Equal bytes: the logged entry's verified leaf hash is this one's too.
@@ -1312,6 +1325,20 @@ def _loggable(outcome: CallOutcome) -> tuple[CallOutcome, bool]:
         error = ("EncodingError", f"the result cannot be logged: {exc}")
         return CallOutcome(None, False, error, outcome.virtual_ms), True
     return outcome, simple
+
+
+def _vanishes(
+    exc: VMCallError, runtime: JSRuntime, exports: Mapping[str, Any], method: str
+) -> bool:
+    """Whether ``exc`` says that ``method``, a method of the script once it loaded,
+    is one no more: a call's outcome to log (prelude 3 on; version 2 logs never
+    held such calls, and their hosts refused them unlogged)."""
+    return (
+        exc.name == "MethodNotFound"
+        and runtime.prelude_version != "2"
+        and method != "init"
+        and isinstance(exports.get(method), _ExportedFunction)
+    )
 
 
 def _vanished(method: str) -> CallOutcome:

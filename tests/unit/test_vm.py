@@ -837,6 +837,64 @@ async def test_a_log_keeps_the_behaviour_version_it_was_begun_with(tmp_path, mon
     await new.close()
 
 
+async def test_a_method_gone_is_a_logged_error_from_prelude_3_on(monkeypatch):
+    import libvms.vm as vm_module
+
+    code = "exports.drop = () => { delete exports.gone; return 1 };\nexports.gone = () => 2"
+    monkeypatch.setattr(vm_module, "PRELUDE_VERSION", "2")
+    old = await deployed(code=code)
+    monkeypatch.undo()
+    assert await old.execute_call("drop") == 1
+    with pytest.raises(VMCallError, match="MethodNotFound"):
+        await old.execute_call("gone")  # as version 2 hosts did: refused, not logged
+    assert old.call_log.length == 2
+    await old.close()
+    new = BackendVM(code)
+    new._prelude_version = "2"  # as a failed reopen of a version 2 directory leaves it
+    await new.deploy(None)  # a new log runs this libvms's rules all the same
+    assert (await new.call_log.get(0))["runtime"]["prelude"] == "3"
+    assert await new.execute_call("drop") == 1
+    with pytest.raises(VMCallError, match="TypeError"):
+        await new.execute_call("gone")
+    assert new.call_log.length == 3
+    await _replays(new)
+    await new.close()
+
+
+async def test_a_logged_call_of_a_method_the_script_never_had_fails_the_audit():
+    vm = await deployed()
+    await vm.execute_call("foo")
+    entries = await vm.call_log.list()
+    entries[1]["call"]["methodName"] = "transferAll"  # a modified host's invention
+    forged = await _forge(entries)
+    with pytest.raises(VerificationError, match="entry 1: MethodNotFound"):
+        await BackendVM.from_call_log(forged, {"files_archive_url": vm.files_archive.url})
+    await forged.close()
+    await vm.close()
+
+
+async def test_calls_that_arrive_together_still_share_commits(monkeypatch):
+    from libvms.store import Store
+
+    commits = []
+    real_commit = Store._commit
+
+    def counting(self, *args, **kwargs):
+        commits.append(1)
+        return real_commit(self, *args, **kwargs)
+
+    vm = await deployed(code=WORK_CODE)
+    monkeypatch.setattr(Store, "_commit", counting)
+
+    async def caller():
+        for _ in range(32):
+            assert await vm.execute_call("work", [10]) == 315
+
+    await asyncio.gather(*(caller() for _ in range(16)))
+    assert len(commits) <= 512 // 4, len(commits)
+    await vm.close()
+
+
 async def test_rmdir_deletes_recursively_only_when_told_so_plainly():
     code = """
     exports.setup = async () => {

@@ -231,9 +231,10 @@ class RPCServer:
       logged). ``None`` waits for as long as the heartbeat keeps the connection up.
       An HTTP client must likewise take each MiB of a response within it;
     * ``max_http_body_bytes``: bytes of HTTP response bodies (files, pages of
-      entries) held at once for clients still receiving them (256 MiB); a request
-      past it gets ``503`` with ``Retry-After``, so that clients that do not read
-      cannot make the server hold unbounded memory.
+      entries) held at once for clients still receiving them (256 MiB), a quarter
+      of it for one client address; a request past either gets ``503`` with
+      ``Retry-After``, so that clients that do not read cannot make the server
+      hold unbounded memory.
     """
 
     def __init__(
@@ -267,8 +268,10 @@ class RPCServer:
         self.heartbeat = heartbeat
         self.send_timeout = send_timeout
         self.max_http_body_bytes = max_http_body_bytes
-        # Bytes of HTTP bodies being sent now (see max_http_body_bytes).
+        # Bytes of HTTP bodies being sent now (see max_http_body_bytes), in all
+        # and by client address.
         self._body_bytes = 0
+        self._body_bytes_of: dict[str, int] = {}
         self._mounts: dict[str, _Mount] = {}
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -458,13 +461,22 @@ class RPCServer:
         self, request: web.Request, response: web.Response, body: bytes
     ) -> web.StreamResponse:
         """Send a large body in chunks, each within ``send_timeout``, while it counts
-        toward ``max_http_body_bytes``; ``503`` when that bound is reached."""
+        toward ``max_http_body_bytes``; ``503`` when that bound is reached.
+
+        One client address may hold a quarter of the bound (its first body may
+        be as large as the bound); a body larger than the bound goes when
+        nothing else is being sent.
+        """
         size = len(body)
-        if self._body_bytes + size > self.max_http_body_bytes:
+        remote = request.remote or ""
+        held = self._body_bytes_of.get(remote, 0)
+        total, bound = self._body_bytes, self.max_http_body_bytes
+        if (total and total + size > bound) or (held and held + size > bound // 4):
             busy = _text(503, "the server is busy sending to other clients; retry shortly\n")
             busy.headers["Retry-After"] = "1"
             return busy
         self._body_bytes += size
+        self._body_bytes_of[remote] = held + size
         try:
             stream = web.StreamResponse(status=response.status)
             stream.content_type = response.content_type
@@ -491,8 +503,15 @@ class RPCServer:
                     return stream
             await stream.write_eof()
             return stream
+        except ConnectionError as exc:
+            # The client went away mid-body: its doing, and routine.
+            http_logger.debug("%s went away before its answer was written: %s", remote, exc)
+            return stream
         finally:
             self._body_bytes -= size
+            left = self._body_bytes_of.pop(remote) - size
+            if left:
+                self._body_bytes_of[remote] = left
 
     # -- HTTP ledger endpoints -------------------------------------------------
 
