@@ -508,6 +508,29 @@ class BackendVM:
             runtime.export_names()
         return exports
 
+    async def _let_the_loop_turn(self) -> None:
+        """Wait for the event loop's next turn if it has not turned for
+        ``_MAX_LOOP_HOLD``: calls that arrived together and finish without
+        awaiting would otherwise all run before it serves anything else. Calls
+        that follow one another from turn to turn, as under load, never wait.
+
+        Outside the VM's lock: a call that waited holding it would put every
+        later call through the lock's hand-off, one per turn, and calls would
+        no longer group into commits.
+        """
+        while True:
+            if not self._turn_pending:
+                self._turn_pending = True
+                self._turn_awaited_since = _monotonic()
+                asyncio.get_running_loop().call_soon(self._loop_turned)
+                return
+            since = self._turn_awaited_since
+            if _monotonic() - since <= _MAX_LOOP_HOLD:
+                return
+            await asyncio.sleep(0)
+            if self._turn_pending and self._turn_awaited_since == since:
+                self._turn_pending = False  # its callback was another loop's
+
     def _loop_turned(self) -> None:
         self._turn_pending = False
 
@@ -779,18 +802,8 @@ class BackendVM:
             raise QueueFullError()
         self._queued += 1
         try:
+            await self._let_the_loop_turn()
             async with self._lock:
-                if not self._turn_pending:
-                    self._turn_pending = True
-                    self._turn_awaited_since = _monotonic()
-                    asyncio.get_running_loop().call_soon(self._loop_turned)
-                elif _monotonic() - self._turn_awaited_since > _MAX_LOOP_HOLD:
-                    # The loop has not turned for that long: calls that arrived
-                    # together and finish without awaiting would otherwise all run
-                    # before it serves anything else. (Calls that follow one
-                    # another from turn to turn, as they do under load, never wait.)
-                    await asyncio.sleep(0)
-                    self._turn_pending = False  # it has turned now
                 result = await self._execute(method_name, args, user_id, call_fields, simple)
         finally:
             self._queued -= 1
