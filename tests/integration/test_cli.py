@@ -161,6 +161,15 @@ def test_every_command_has_help():
         assert name in results[""].stdout
 
 
+def test_python_dash_m_libvms_is_the_command():
+    result = subprocess.run(
+        [sys.executable, "-m", "libvms", "--help"], capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Usage: libvms ")
+    assert all(name in result.stdout for name in COMMANDS)
+
+
 def test_keygen_writes_a_private_key_and_refuses_to_overwrite_it(tmp_path: Path):
     user_id = libvms("keygen", cwd=tmp_path).strip()
     path = tmp_path / "libvms-user.key"
