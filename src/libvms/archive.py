@@ -35,6 +35,7 @@ from .errors import (
     NotFoundError,
     ReadOnlyError,
     TamperError,
+    TransactionTooLargeError,
 )
 from .keys import Keypair, ledger_url
 from .ledger import Ledger, abandon
@@ -756,10 +757,15 @@ class FilesArchive(_Reader):
 
     # -- writing ---------------------------------------------------------------
 
-    def transaction(self, mtime_ms: int | None = None) -> ArchiveTransaction:
+    def transaction(
+        self, mtime_ms: int | None = None, *, max_bytes: int | None = None
+    ) -> ArchiveTransaction:
         """Stage mutations apart from the archive; ``commit()`` applies them, or drop it.
 
         ``mtime_ms`` stamps every mutation (default: the wall clock at each one).
+        ``max_bytes`` bounds the file data it holds until it commits (distinct
+        contents, counted once each): a write past it raises
+        :class:`~libvms.errors.TransactionTooLargeError` and stages nothing.
         """
         if self._ledger.keypair is None:
             raise ReadOnlyError("this archive is a read-only copy")
@@ -767,7 +773,7 @@ class FilesArchive(_Reader):
             type(mtime_ms) is not int or not 0 <= mtime_ms <= encoding.MAX_SAFE_INT
         ):
             raise ValueError(f"mtime_ms must be an integer from 0 to 2^53-1, not {mtime_ms!r}")
-        return ArchiveTransaction(self, mtime_ms)
+        return ArchiveTransaction(self, mtime_ms, max_bytes)
 
     def _apply_transaction(self, tx: ArchiveTransaction) -> None:
         if not tx.entries:
@@ -904,12 +910,16 @@ class ArchiveTransaction(_Reader):
 
     _tree: _Overlay
 
-    def __init__(self, archive: FilesArchive, mtime_ms: int | None) -> None:
+    def __init__(
+        self, archive: FilesArchive, mtime_ms: int | None, max_bytes: int | None = None
+    ) -> None:
         self._archive = archive
         self._tree = _Overlay(archive._tree)
         self._mtime = mtime_ms
         self.entries: list[dict[str, Any]] = []
         self._blobs: dict[str, bytes] = {}
+        self._held = 0  # bytes in _blobs
+        self._max_bytes = max_bytes
         self._done = False
 
     @property
@@ -938,10 +948,18 @@ class ArchiveTransaction(_Reader):
         if len(blob) > MAX_FILE_BYTES:
             raise ValueError(f"file is {len(blob)} bytes, more than the {MAX_FILE_BYTES} allowed")
         content_hash = encoding.sha256_hex(blob)
+        new = content_hash not in self._blobs
+        if new and self._max_bytes is not None and self._held + len(blob) > self._max_bytes:
+            raise TransactionTooLargeError(
+                f"writing {len(blob)} more bytes would make this call's writes hold more "
+                f"than {self._max_bytes} bytes of file data"
+            )
         entry = {"type": "write", "path": p, "hash": content_hash, "size": len(blob)}
         entry["mtime"] = self._now()
         version = self._push(entry)
-        self._blobs[content_hash] = blob
+        if new:
+            self._blobs[content_hash] = blob
+            self._held += len(blob)
         return version
 
     def mkdir(self, path: str) -> int:

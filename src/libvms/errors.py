@@ -129,6 +129,12 @@ class ReadOnlyError(ArchiveError):
     name = "ReadOnlyError"
 
 
+class TransactionTooLargeError(ArchiveError):
+    """A write would make a transaction hold more file data than it may."""
+
+    name = "RangeError"
+
+
 class VMCallError(LibVMSError):
     """A VM call failed: the script threw, or the call was refused.
 
@@ -193,6 +199,7 @@ __all__ = [
     "ReadOnlyError",
     "ScriptError",
     "TamperError",
+    "TransactionTooLargeError",
     "VMCallError",
     "VerificationError",
 ]

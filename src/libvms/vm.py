@@ -63,6 +63,12 @@ _REPLAY_BATCH_BYTES = 16 * 1024 * 1024
 #: Calls allowed to wait for a VM at once (the seed's limit).
 MAX_QUEUE = 1000
 
+#: Most bytes of file data one call's writes may hold until the call commits
+#: (distinct contents, counted once each): past it, a write rejects with a
+#: RangeError. It bounds the host's memory by what it bounds, not by the time a
+#: call may take. Logs of prelude 3 on; version 2 had no such bound.
+MAX_CALL_WRITE_BYTES = 128 * 2**20
+
 #: How many times its call_timeout a VM gives each call when it rebuilds its own
 #: state (on a reopen, after an abort). Those calls all ran within the limit
 #: once; on a busier machine one may run a little longer the second time, and a
@@ -306,9 +312,11 @@ class _Host:
         mtime_ms: int,
         oracles: _Oracles,
         identity: tuple[str, str] | None = None,
+        max_bytes: int | None = None,
     ) -> None:
         self._archive = archive
         self._mtime = mtime_ms
+        self._max_bytes = max_bytes  # file data the call's writes may hold
         self._opened: ArchiveTransaction | None = None
         self._oracles = oracles
         # The files archive's URL and title as the script sees them (getInfo): a
@@ -318,7 +326,9 @@ class _Host:
     @property
     def _tx(self) -> ArchiveTransaction:
         if self._opened is None:
-            self._opened = self._archive.transaction(mtime_ms=self._mtime)
+            self._opened = self._archive.transaction(
+                mtime_ms=self._mtime, max_bytes=self._max_bytes
+            )
         return self._opened
 
     def commit(self) -> None:
@@ -835,7 +845,7 @@ class BackendVM:
         if call_fields:
             call.update(call_fields)
         oracles = _LiveOracles(self._oracles)
-        host = _Host(archive, timestamp, oracles, self._identity)
+        host = _Host(archive, timestamp, oracles, self._identity, _write_budget(runtime))
         try:
             outcome = await runtime.call(
                 method,
@@ -965,7 +975,7 @@ class BackendVM:
                 call, archive, err=result.get("err"), aborted=True, oracles=recorded or None
             )
         oracles = _RecordedOracles(recorded, seq)
-        host = _Host(archive, timestamp, oracles, identity)
+        host = _Host(archive, timestamp, oracles, identity, _write_budget(runtime))
         try:
             outcome = await runtime.call(
                 method,
@@ -1338,6 +1348,11 @@ def _loggable(outcome: CallOutcome) -> tuple[CallOutcome, bool]:
         error = ("EncodingError", f"the result cannot be logged: {exc}")
         return CallOutcome(None, False, error, outcome.virtual_ms), True
     return outcome, simple
+
+
+def _write_budget(runtime: JSRuntime) -> int | None:
+    """The bound on a call's file data (MAX_CALL_WRITE_BYTES) under ``runtime``'s version."""
+    return None if runtime.prelude_version == "2" else MAX_CALL_WRITE_BYTES
 
 
 def _vanishes(

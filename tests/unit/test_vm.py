@@ -900,6 +900,38 @@ async def test_calls_that_arrive_together_still_share_commits(monkeypatch):
     await vm.close()
 
 
+async def test_the_file_data_a_call_holds_is_bounded(monkeypatch):
+    # The host holds a call's written files until the call commits: bounded by
+    # size, not by how long the call may run (prelude 3 logs on).
+    import libvms.vm as vm_module
+
+    monkeypatch.setattr(vm_module, "MAX_CALL_WRITE_BYTES", 2**20)
+    code = """
+    exports.fill = async (n, size) => {
+      let done = 0;
+      try {
+        for (; done < n; done++) {
+          await System.files.writeFile('/f' + done, String(done).padEnd(size, 'x'));
+        }
+      } catch (e) { return [done, e.name, e.message] }
+      return [done];
+    };
+    exports.same = async (n, size) => {
+      for (let i = 0; i < n; i++) await System.files.writeFile('/s' + i, 'y'.repeat(size));
+      return (await System.files.readdir('/')).length;
+    };
+    """
+    vm = await deployed(code=code)
+    done, name, message = await vm.execute_call("fill", [10, 300_000])
+    assert (done, name) == (3, "RangeError") and "more than 1048576 bytes" in message
+    assert await vm.execute_call("same", [10, 300_000]) == 13  # one content, held once
+    await _replays(vm)
+    monkeypatch.setattr(vm_module, "PRELUDE_VERSION", "2")
+    old = await deployed(code=code)
+    assert await old.execute_call("fill", [10, 300_000]) == [10]  # version 2: no bound
+    await old.close()
+
+
 async def test_rmdir_deletes_recursively_only_when_told_so_plainly():
     code = """
     exports.setup = async () => {
