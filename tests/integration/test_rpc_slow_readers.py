@@ -250,6 +250,7 @@ async def test_http_clients_that_do_not_read_are_bounded_then_dropped(stall_log)
 
     import aiohttp
 
+    from libvms import encoding
     from libvms.remote import fetch_files_archive
 
     size = 12 * 2**20
@@ -272,8 +273,20 @@ async def test_http_clients_that_do_not_read_are_bounded_then_dropped(stall_log)
         head = await loop.sock_recv(stalled, 12)  # the server has begun to send: then stop
         assert head == b"HTTP/1.1 200"
         async with aiohttp.ClientSession() as http:
-            async with http.get(url) as busy:
-                assert busy.status == 503 and busy.headers["Retry-After"] == "1"
+            hashed = []
+            real_sha256_hex = encoding.sha256_hex
+
+            def counting(data):
+                hashed.append(len(data))
+                return real_sha256_hex(data)
+
+            encoding.sha256_hex = counting
+            try:
+                async with http.get(url) as busy:
+                    assert busy.status == 503 and busy.headers["Retry-After"] == "1"
+            finally:
+                encoding.sha256_hex = real_sha256_hex
+            assert size not in hashed  # refused before the file was read and hashed
             # The library's fetch asks again after the delay the server names.
             fetched = await fetch_files_archive(vm.files_archive.url)
             assert stall_log.closed.is_set()  # the stalled client was dropped meanwhile

@@ -469,12 +469,9 @@ class RPCServer:
         """
         size = len(body)
         remote = request.remote or ""
+        if self._too_busy_for(remote, size):
+            return _busy()
         held = self._body_bytes_of.get(remote, 0)
-        total, bound = self._body_bytes, self.max_http_body_bytes
-        if (total and total + size > bound) or (held and held + size > bound // 4):
-            busy = _text(503, "the server is busy sending to other clients; retry shortly\n")
-            busy.headers["Retry-After"] = "1"
-            return busy
         self._body_bytes += size
         self._body_bytes_of[remote] = held + size
         try:
@@ -512,6 +509,15 @@ class RPCServer:
             left = self._body_bytes_of.pop(remote) - size
             if left:
                 self._body_bytes_of[remote] = left
+
+    def _too_busy_for(self, remote: str, size: int) -> bool:
+        """Whether a body of ``size`` bytes for ``remote`` would pass max_http_body_bytes
+        or that client's quarter of it (see :meth:`_send_body`)."""
+        if size <= _SMALL_BODY:
+            return False
+        held = self._body_bytes_of.get(remote, 0)
+        total, bound = self._body_bytes, self.max_http_body_bytes
+        return bool((total and total + size > bound) or (held and held + size > bound // 4))
 
     # -- HTTP ledger endpoints -------------------------------------------------
 
@@ -566,9 +572,13 @@ class RPCServer:
             content_hash = sub[1]
             if _HEX_HASH.fullmatch(content_hash) is None:
                 raise _HTTPError(400, "a blob is named by its lowercase hex SHA-256")
-            rows = ledger.store.query(
-                "SELECT data FROM blobs WHERE hash = ?", (bytes.fromhex(content_hash),)
-            )
+            key = (bytes.fromhex(content_hash),)
+            sizes = ledger.store.query("SELECT length(data) FROM blobs WHERE hash = ?", key)
+            if not sizes:
+                raise _HTTPError(404, f"no blob {content_hash}")
+            if request.method == "GET" and self._too_busy_for(request.remote or "", sizes[0][0]):
+                return _busy()  # before reading and hashing it
+            rows = ledger.store.query("SELECT data FROM blobs WHERE hash = ?", key)
             if not rows:
                 raise _HTTPError(404, f"no blob {content_hash}")
             data = rows[0][0]
@@ -904,6 +914,12 @@ def _recall_nonces(mount: _Mount, now_ms: int) -> None:
 
 def _text(status: int, body: str) -> web.Response:
     return web.Response(status=status, text=body, content_type="text/plain", charset="utf-8")
+
+
+def _busy() -> web.Response:
+    busy = _text(503, "the server is busy sending to other clients; retry shortly\n")
+    busy.headers["Retry-After"] = "1"
+    return busy
 
 
 def _proof(hashes: list[bytes]) -> web.Response:
