@@ -302,3 +302,25 @@ async def test_http_clients_that_do_not_read_are_bounded_then_dropped(stall_log)
         stalled.close()
         await server.close()
         await vm.close()
+
+
+async def test_a_client_that_leaves_too_many_reply_bytes_unread_is_closed_at_once(stall_log):
+    # send_timeout is far off: the bound on unread bytes closes the connection first.
+    vm, server = await start(send_timeout=600, max_unsent_bytes=2**20)
+    slow = await RawClient.connect(server.port)
+    try:
+        request = {"jsonrpc": "2.0", "method": "big", "params": [REPLY_CHARS], "user": "slow"}
+        await slow.send(
+            b"".join(text_frame(json.dumps({**request, "id": i})) for i in range(CALLS))
+        )
+        frames = await asyncio.wait_for(slow.frames(), 30)
+        opcode, payload = frames[-1]
+        assert opcode == 0x8 and int.from_bytes(payload[:2], "big") == 1008
+        assert payload[2:].decode() == "replies not read: over 1048576 bytes waiting"
+        assert any("bytes of replies would wait unread" in m for m in stall_log.messages)
+        async with RPCClient(server.url()) as client:
+            assert await client.foo() == "bar"
+    finally:
+        slow.close()
+        await server.close()
+        await vm.close()

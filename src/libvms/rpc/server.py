@@ -97,6 +97,10 @@ CLOSE_TIMEOUT = 5.0
 #: Default seconds a reply may wait for the client to read before its connection is closed.
 SEND_TIMEOUT = 10.0
 
+#: Default bytes of replies a WebSocket connection may leave unread in its write
+#: buffer before it is closed, whatever send_timeout says.
+MAX_UNSENT_BYTES = 64 * 2**20
+
 #: Default bytes of HTTP response bodies (files, pages of entries) the server holds
 #: at once for clients still receiving them.
 MAX_HTTP_BODY_BYTES = 256 * 2**20
@@ -230,6 +234,10 @@ class RPCServer:
       buffer stays full, is closed with code 1008 (its calls still finish and are
       logged). ``None`` waits for as long as the heartbeat keeps the connection up.
       An HTTP client must likewise take each MiB of a response within it;
+    * ``max_unsent_bytes``: bytes of replies a connection may leave unread in its
+      write buffer (64 MiB); a reply past it closes the connection with code
+      1008 at once, without waiting for ``send_timeout`` (so that a client that
+      does not read, with many large replies in flight, holds that much at most);
     * ``max_http_body_bytes``: bytes of HTTP response bodies (files, pages of
       entries) held at once for clients still receiving them (256 MiB), a quarter
       of it for one client address; a request past either gets ``503`` with
@@ -250,6 +258,7 @@ class RPCServer:
         heartbeat: float | None = 30.0,
         send_timeout: float | None = SEND_TIMEOUT,
         max_http_body_bytes: int = MAX_HTTP_BODY_BYTES,
+        max_unsent_bytes: int = MAX_UNSENT_BYTES,
     ) -> None:
         if max_message_bytes < 1024:
             raise ValueError("max_message_bytes must be at least 1024")
@@ -259,6 +268,8 @@ class RPCServer:
             raise ValueError("send_timeout must be positive, or None")
         if max_http_body_bytes < 1:
             raise ValueError("max_http_body_bytes must be positive")
+        if max_unsent_bytes < 1:
+            raise ValueError("max_unsent_bytes must be positive")
         self.host = host
         self._port = port
         self.max_message_bytes = max_message_bytes
@@ -268,6 +279,7 @@ class RPCServer:
         self.heartbeat = heartbeat
         self.send_timeout = send_timeout
         self.max_http_body_bytes = max_http_body_bytes
+        self.max_unsent_bytes = max_unsent_bytes
         # Bytes of HTTP bodies being sent now (see max_http_body_bytes), in all
         # and by client address.
         self._body_bytes = 0
@@ -710,7 +722,18 @@ class RPCServer:
 
     async def _send(self, conn: _Connection, text: str) -> None:
         ws = conn.ws
-        if ws.closed:
+        if ws.closed or conn.stalled:
+            return
+        transport = conn.request.transport
+        if (
+            transport is not None
+            and transport.get_write_buffer_size() + len(text) > self.max_unsent_bytes
+        ):
+            self._close_stalled(
+                conn,
+                f"more than {self.max_unsent_bytes} bytes of replies would wait unread",
+                f"replies not read: over {self.max_unsent_bytes} bytes waiting",
+            )
             return
         # Writing never blocks; what may wait is the drain that follows once the
         # client lets the write buffer fill up. Past send_timeout the connection is
@@ -729,23 +752,24 @@ class RPCServer:
                 timer.cancel()
 
     def _send_timed_out(self, conn: _Connection) -> None:
+        self._close_stalled(
+            conn,
+            f"a reply could not be sent within {self.send_timeout:g} s",
+            f"replies not read within {self.send_timeout:g} s",
+        )
+
+    def _close_stalled(self, conn: _Connection, why: str, reason: str) -> None:
+        """Close, once, a connection whose client does not read its replies."""
         if conn.stalled or conn.ws.closed:
             return
         conn.stalled = True
         logger.warning(
-            "closing the connection of %s to %s: a reply could not be sent within %g s "
-            "(the client does not read its replies)",
+            "closing the connection of %s to %s: %s (the client does not read its replies)",
             conn.request.remote,
             conn.mount.path,
-            self.send_timeout,
+            why,
         )
-        self._spawn(
-            self._close_connection(
-                conn,
-                WSCloseCode.POLICY_VIOLATION,
-                f"replies not read within {self.send_timeout:g} s",
-            )
-        )
+        self._spawn(self._close_connection(conn, WSCloseCode.POLICY_VIOLATION, reason))
 
     async def _call(self, conn: _Connection, request: Request) -> None:
         try:
@@ -939,4 +963,11 @@ def _int_param(query: Any, name: str, default: int | None = None) -> int:
     return int(value)
 
 
-__all__ = ["MAX_IN_FLIGHT", "SEND_TIMEOUT", "RPCServer", "normalize_mount_path"]
+__all__ = [
+    "MAX_HTTP_BODY_BYTES",
+    "MAX_IN_FLIGHT",
+    "MAX_UNSENT_BYTES",
+    "SEND_TIMEOUT",
+    "RPCServer",
+    "normalize_mount_path",
+]
