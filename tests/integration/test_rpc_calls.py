@@ -193,6 +193,25 @@ async def test_several_clients_with_different_users(served):
     assert all(e["result"]["res"] == e["call"]["userId"] for e in entries)
 
 
+async def test_the_seed_clients_way_of_asking_works(served):
+    """The seed's JavaScript client (rpc-websockets) sends "params": null for a call
+    without arguments, and names its debug-mode user once, in the URL."""
+    vm, server = served
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(server.url() + "?user=bob") as ws:
+            handshake = {"jsonrpc": "2.0", "id": 1, "method": "handshake", "params": None}
+            assert (await raw_call(ws, handshake))["result"]["methods"][0] == "foo"
+            whoami = {"jsonrpc": "2.0", "id": 2, "method": "whoami", "params": None}
+            assert (await raw_call(ws, whoami))["result"] == "bob"
+            alice = {**whoami, "id": 3, "user": "alice"}  # a request's own user wins
+            assert (await raw_call(ws, alice))["result"] == "alice"
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(server.url() + "?user=")
+        assert refused.value.status == 400
+    entries = await vm.call_log.list(vm.call_log.length - 2)
+    assert [e["call"]["userId"] for e in entries] == ["bob", "alice"]
+
+
 async def test_notifications_run_without_a_reply(served):
     vm, server = served
     length = vm.call_log.length

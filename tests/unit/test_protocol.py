@@ -31,6 +31,7 @@ def test_a_request_parses():
     assert parse_request(text) == Request(3, "foo", [1, "a", None])
     bare = parse_request('{"jsonrpc":"2.0","id":"x","method":"foo"}')
     assert bare == Request("x", "foo", [])
+    assert parse_request('{"jsonrpc":"2.0","id":"x","method":"foo","params":null}') == bare
     note = parse_request('{"jsonrpc":"2.0","method":"foo"}')
     assert isinstance(note, Request) and note.notification and note.id is None
     null_id = parse_request('{"jsonrpc":"2.0","id":null,"method":"foo"}')

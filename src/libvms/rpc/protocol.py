@@ -193,7 +193,8 @@ def parse_request(data: str | bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> R
     are refused, -32600); an object whose ``id``, if present, is a string, an
     integer or null, with ``"jsonrpc": "2.0"``, a non-empty string ``method`` and no
     members but ``jsonrpc, id, method, params, user, signed`` (else -32600);
-    ``params`` absent or an array (an object is -32602, anything else -32600);
+    ``params`` absent, null (read as absent, as clients of the seed send it) or an
+    array (an object is -32602, anything else -32600);
     ``user`` absent, null or a string of 1 to :data:`MAX_USER_ID` characters, and
     ``signed`` absent or an object (else -32600).
     """
@@ -227,7 +228,9 @@ def parse_request(data: str | bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> R
     if not obj.keys() <= _REQUEST_MEMBERS:
         unknown = sorted(set(obj) - _REQUEST_MEMBERS)
         return reject(ErrorCode.INVALID_REQUEST, f"unknown request member {unknown[0]!r}")
-    params = obj.get("params", [])
+    params = obj.get("params")
+    if params is None:
+        params = []
     if isinstance(params, dict):
         return reject(ErrorCode.INVALID_PARAMS, "params must be an array of positional arguments")
     if not isinstance(params, list):

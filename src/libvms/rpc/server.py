@@ -30,7 +30,7 @@ import logging
 import re
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -193,6 +193,8 @@ class _Connection:
     room: asyncio.Future[None] | None = None
     #: Set once a reply timed out and the connection is being closed for it.
     stalled: bool = False
+    #: The debug-mode user the URL names (``?user=``), for requests that name none.
+    user: str | None = None
 
     def call_done(self, _task: object = None) -> None:
         self.in_flight -= 1
@@ -622,6 +624,9 @@ class RPCServer:
         return info.to_handshake()
 
     async def _websocket(self, request: web.Request, mount: _Mount) -> web.StreamResponse:
+        user = request.query.get("user")
+        if user is not None and not 0 < len(user) <= protocol.MAX_USER_ID:
+            return _text(400, f"user must be 1 to {protocol.MAX_USER_ID} characters\n")
         ws = web.WebSocketResponse(
             # Twice the limit, so that most oversized messages are read and refused
             # with a reason; beyond that aiohttp drops them with 1009 on its own.
@@ -632,7 +637,11 @@ class RPCServer:
         )
         await ws.prepare(request)
         conn = _Connection(
-            ws=ws, request=request, mount=mount, handshake=self._handshake(request, mount)
+            ws=ws,
+            request=request,
+            mount=mount,
+            handshake=self._handshake(request, mount),
+            user=user,
         )
         mount.connections.add(conn)
         loop = asyncio.get_running_loop()
@@ -718,6 +727,8 @@ class RPCServer:
             if not request.notification:
                 await self._send(conn, reply)
             return None
+        if request.user is None and request.signed is None and conn.user is not None:
+            request = replace(request, user=conn.user)
         return request
 
     async def _send(self, conn: _Connection, text: str) -> None:
