@@ -444,12 +444,29 @@ class _Reader(ABC):
         """Names in the directory, sorted."""
         return self.readdir_now(path)
 
-    def readdir_now(self, path: str = "/") -> list[str]:
+    def readdir_now(self, path: str = "/", *, recursive: bool = False) -> list[str]:
+        """The names in directory ``path``, sorted; with ``recursive``, every path
+        below it, relative to it (``b``, ``b/c.txt``), depth first, each
+        directory's entries sorted."""
         p = normalize_path(path)
         node = self._tree.lookup(p)
         if node.kind != "dir":
             raise NotADirectoryError_(f"{p} is not a directory")
-        return sorted(self._tree.names(p))
+        if not recursive:
+            return sorted(self._tree.names(p))
+        found: list[str] = []
+        stack = [(p, "", iter(sorted(self._tree.names(p))))]
+        while stack:
+            directory, relative, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                stack.pop()
+                continue
+            child = directory.rstrip("/") + "/" + name
+            found.append(relative + name)
+            if self._tree.lookup(child).kind == "dir":
+                stack.append((child, relative + name + "/", iter(sorted(self._tree.names(child)))))
+        return found
 
     def files(self) -> dict[str, Stat]:
         """Every path in the tree (except the root) and its stat."""

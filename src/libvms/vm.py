@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from . import encoding, merkle
 from .archive import KEY_FILENAME as ARCHIVE_KEY_FILENAME
-from .archive import ArchiveTransaction, FilesArchive
+from .archive import ArchiveTransaction, FilesArchive, normalize_path
 from .errors import (
     ArchiveError,
     EncodingError,
@@ -312,11 +312,14 @@ class _Host:
         mtime_ms: int,
         oracles: _Oracles,
         identity: tuple[str, str] | None = None,
-        max_bytes: int | None = None,
+        prelude_version: str = PRELUDE_VERSION,
     ) -> None:
         self._archive = archive
         self._mtime = mtime_ms
-        self._max_bytes = max_bytes  # file data the call's writes may hold
+        # Version 2 logs keep version 2's files API (docs/formats.md).
+        self._v2 = prelude_version == "2"
+        # File data the call's writes may hold.
+        self._max_bytes = None if self._v2 else MAX_CALL_WRITE_BYTES
         self._opened: ArchiveTransaction | None = None
         self._oracles = oracles
         # The files archive's URL and title as the script sees them (getInfo): a
@@ -380,7 +383,14 @@ class _Host:
         if op == "files.readFile":
             return tx.read_file_now(path, args[1] if len(args) > 1 else "utf8")
         if op == "files.readdir":
-            return tx.readdir_now(path)
+            if self._v2:
+                return tx.readdir_now(path)
+            recursive, with_stat = _readdir_options(args[1] if len(args) > 1 else None)
+            names = tx.readdir_now(path, recursive=recursive)
+            if not with_stat:
+                return names
+            base = normalize_path(path).rstrip("/")
+            return [{"name": n, "stat": tx.stat_now(f"{base}/{n}").to_dict()} for n in names]
         if op == "files.writeFile":
             data = args[1]
             return tx.write_file(path, data, args[2] if len(args) > 2 else "utf8")
@@ -845,7 +855,7 @@ class BackendVM:
         if call_fields:
             call.update(call_fields)
         oracles = _LiveOracles(self._oracles)
-        host = _Host(archive, timestamp, oracles, self._identity, _write_budget(runtime))
+        host = _Host(archive, timestamp, oracles, self._identity, runtime.prelude_version)
         try:
             outcome = await runtime.call(
                 method,
@@ -975,7 +985,7 @@ class BackendVM:
                 call, archive, err=result.get("err"), aborted=True, oracles=recorded or None
             )
         oracles = _RecordedOracles(recorded, seq)
-        host = _Host(archive, timestamp, oracles, identity, _write_budget(runtime))
+        host = _Host(archive, timestamp, oracles, identity, runtime.prelude_version)
         try:
             outcome = await runtime.call(
                 method,
@@ -1350,9 +1360,17 @@ def _loggable(outcome: CallOutcome) -> tuple[CallOutcome, bool]:
     return outcome, simple
 
 
-def _write_budget(runtime: JSRuntime) -> int | None:
-    """The bound on a call's file data (MAX_CALL_WRITE_BYTES) under ``runtime``'s version."""
-    return None if runtime.prelude_version == "2" else MAX_CALL_WRITE_BYTES
+def _readdir_options(opts: Any) -> tuple[bool, bool]:
+    """``readdir``'s ``{recursive, stat}``: as node-dat-archive's, but booleans, as
+    ``rmdir``'s options are (anything else is refused, not guessed at)."""
+    if opts is None:
+        return False, False
+    if not isinstance(opts, dict):
+        raise TypeError("options must be an object, such as {recursive: true, stat: true}")
+    recursive, with_stat = opts.get("recursive", False), opts.get("stat", False)
+    if type(recursive) is not bool or type(with_stat) is not bool:
+        raise TypeError("options.recursive and options.stat must be true or false")
+    return recursive, with_stat
 
 
 def _vanishes(

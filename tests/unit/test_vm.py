@@ -932,6 +932,43 @@ async def test_the_file_data_a_call_holds_is_bounded(monkeypatch):
     await old.close()
 
 
+async def test_readdir_takes_the_seeds_recursive_and_stat_options(monkeypatch):
+    import libvms.vm as vm_module
+
+    code = """
+    exports.setup = async () => {
+      await System.files.mkdir('/a'); await System.files.mkdir('/a/b');
+      await System.files.writeFile('/a/x.txt', 'x');
+      await System.files.writeFile('/a/b/c.txt', 'cc');
+    };
+    exports.ls = async (p, o) => (await System.files.readdir(p, o))
+      .map(e => typeof e === 'string' ? e : [e.name, e.stat.isFile(), e.stat.size]);
+    """
+    vm = await deployed(code=code)
+    await vm.execute_call("setup")
+    assert await vm.execute_call("ls", ["/a"]) == ["b", "x.txt"]
+    assert await vm.execute_call("ls", ["/a", {"recursive": True}]) == ["b", "b/c.txt", "x.txt"]
+    assert await vm.execute_call("ls", ["/a", {"stat": True}]) == [
+        ["b", False, 0],
+        ["x.txt", True, 1],
+    ]
+    assert await vm.execute_call("ls", ["/", {"recursive": True, "stat": True}]) == [
+        ["a", False, 0],
+        ["a/b", False, 0],
+        ["a/b/c.txt", True, 2],
+        ["a/x.txt", True, 1],
+    ]
+    for opts in ("yes", {"stat": 1}, {"recursive": "true"}):
+        with pytest.raises(VMCallError, match="TypeError"):
+            await vm.execute_call("ls", ["/a", opts])
+    await _replays(vm)
+    monkeypatch.setattr(vm_module, "PRELUDE_VERSION", "2")
+    old = await deployed(code=code)
+    await old.execute_call("setup")
+    assert await old.execute_call("ls", ["/a", {"recursive": True}]) == ["b", "x.txt"]  # as then
+    await old.close()
+
+
 async def test_rmdir_deletes_recursively_only_when_told_so_plainly():
     code = """
     exports.setup = async () => {
