@@ -32,7 +32,7 @@ class StallLog(logging.Handler):
     def emit(self, record):
         message = record.getMessage()
         self.messages.append(message)
-        if "could not be sent" in message:
+        if "could not be sent" in message or "would wait unread" in message:
             self.closed.set()
 
 
@@ -313,6 +313,7 @@ async def test_a_client_that_leaves_too_many_reply_bytes_unread_is_closed_at_onc
         await slow.send(
             b"".join(text_frame(json.dumps({**request, "id": i})) for i in range(CALLS))
         )
+        await asyncio.wait_for(stall_log.closed.wait(), 30)  # having read nothing till then
         frames = await asyncio.wait_for(slow.frames(), 30)
         opcode, payload = frames[-1]
         assert opcode == 0x8 and int.from_bytes(payload[:2], "big") == 1008
