@@ -366,7 +366,8 @@ class _Host:
         try:
             return self._files(op, args)
         except ArchiveError as exc:
-            raise HostError(exc.name, str(exc)) from None
+            name = exc.name if self._v2 else _seed_error_name(op, exc.name)
+            raise HostError(name, str(exc)) from None
         except (TypeError, ValueError, IndexError) as exc:
             raise HostError("TypeError", f"{op}: {exc}") from None
 
@@ -1358,6 +1359,24 @@ def _loggable(outcome: CallOutcome) -> tuple[CallOutcome, bool]:
         error = ("EncodingError", f"the result cannot be logged: {exc}")
         return CallOutcome(None, False, error, outcome.virtual_ms), True
     return outcome, simple
+
+
+def _seed_error_name(op: str, name: str) -> str:
+    """The name node-dat-archive gave the files API error libvms names ``name``
+    (prelude 3 on; version 2 logs keep libvms's names)."""
+    if op in ("files.writeFile", "files.mkdir") and name in ("NotFoundError", "NotADirectoryError"):
+        return "ParentFolderDoesntExistError"  # writing needs only the parent to exist
+    if name == "AlreadyExistsError" or (op == "files.writeFile" and name == "IsADirectoryError"):
+        return "EntryAlreadyExistsError"
+    return _SEED_ERROR_NAMES.get(name, name)
+
+
+_SEED_ERROR_NAMES = {
+    "IsADirectoryError": "NotAFileError",
+    "NotADirectoryError": "NotAFolderError",
+    "DirectoryNotEmptyError": "DestDirectoryNotEmpty",
+    "ReadOnlyError": "ArchiveNotWritableError",
+}
 
 
 def _readdir_options(opts: Any) -> tuple[bool, bool]:

@@ -969,6 +969,60 @@ async def test_readdir_takes_the_seeds_recursive_and_stat_options(monkeypatch):
     await old.close()
 
 
+async def test_files_errors_have_the_seeds_names_and_flags(monkeypatch):
+    import libvms.vm as vm_module
+
+    code = """
+    const f = System.files;
+    const tries = {
+      mkdirTwice: () => f.mkdir('/d'),
+      writeOntoDir: () => f.writeFile('/d', 'x'),
+      noParent: () => f.writeFile('/none/x', 'x'),
+      parentIsFile: () => f.mkdir('/file/sub'),
+      readDir: () => f.readFile('/d'),
+      unlinkDir: () => f.unlink('/d'),
+      rmdirFile: () => f.rmdir('/file'),
+      notEmpty: () => f.rmdir('/d'),
+      missing: () => f.stat('/missing'),
+    };
+    exports.setup = async () => {
+      await f.mkdir('/d'); await f.writeFile('/d/x', 'x'); await f.writeFile('/file', 'y');
+    };
+    exports.errors = async () => {
+      const out = {};
+      for (const k of Object.keys(tries)) {
+        try { await tries[k]() } catch (e) {
+          out[k] = [e.name, Object.keys(e).filter(p => e[p] === true)];
+        }
+      }
+      return out;
+    };
+    """
+    expected = {
+        "mkdirTwice": ["EntryAlreadyExistsError", ["entryAlreadyExists"]],
+        "writeOntoDir": ["EntryAlreadyExistsError", ["entryAlreadyExists"]],
+        "noParent": ["ParentFolderDoesntExistError", ["parentFolderDoesntExist"]],
+        "parentIsFile": ["ParentFolderDoesntExistError", ["parentFolderDoesntExist"]],
+        "readDir": ["NotAFileError", ["notAFile"]],
+        "unlinkDir": ["NotAFileError", ["notAFile"]],
+        "rmdirFile": ["NotAFolderError", ["notAFolder"]],
+        "notEmpty": ["DestDirectoryNotEmpty", ["destDirectoryNotEmpty"]],
+        "missing": ["NotFoundError", ["notFound"]],
+    }
+    vm = await deployed(code=code)
+    await vm.execute_call("setup")
+    assert await vm.execute_call("errors") == expected
+    await _replays(vm)
+    monkeypatch.setattr(vm_module, "PRELUDE_VERSION", "2")
+    old = await deployed(code=code)
+    await old.execute_call("setup")
+    names = {k: v[0] for k, v in (await old.execute_call("errors")).items()}
+    assert names["mkdirTwice"] == "AlreadyExistsError"  # version 2 logs keep libvms's names
+    assert names["notEmpty"] == "DirectoryNotEmptyError"
+    assert all(flags == [] for _, flags in (await old.execute_call("errors")).values())
+    await old.close()
+
+
 async def test_rmdir_deletes_recursively_only_when_told_so_plainly():
     code = """
     exports.setup = async () => {
@@ -984,8 +1038,8 @@ async def test_rmdir_deletes_recursively_only_when_told_so_plainly():
     await vm.execute_call("setup")
     for opts in ("no", [1], {"recursive": "false"}, {"recursive": 1}, True):
         assert await vm.execute_call("rmdir", [opts]) == "TypeError", opts
-    assert await vm.execute_call("rmdir", [{"recursive": False}]) == "DirectoryNotEmptyError"
-    assert await vm.execute_call("rmdir", [None]) == "DirectoryNotEmptyError"
+    assert await vm.execute_call("rmdir", [{"recursive": False}]) == "DestDirectoryNotEmpty"
+    assert await vm.execute_call("rmdir", [None]) == "DestDirectoryNotEmpty"
     assert await vm.execute_call("rmdir", [{"recursive": True}]) == 0
     await _replays(vm)
     await vm.close()

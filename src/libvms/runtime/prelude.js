@@ -107,6 +107,9 @@
   // from 3 on, the machine's limits met in timers, microtasks and error
   // conversions end the call; version 2 logs keep version 2's behaviour.
   const LIMITS_END_CALLS = config.version >= 3;
+  // From 3 on, the files API's errors carry the flag node-dat-archive's did
+  // (e.notFound === true...), besides their name.
+  const ERROR_FLAGS = config.version >= 3;
 
   // Arrays with no prototype: index writes and reads never reach a setter or
   // getter a script could have put on Array.prototype.
@@ -1125,7 +1128,24 @@
     const entry = apply(MapGet, pending, [id]);
     if (entry === undefined) return;
     apply(MapDelete, pending, [id]);
-    entry[1](makeError(StringCtor(msg[2]), StringCtor(msg[3])));
+    const name = StringCtor(msg[2]);
+    const error = makeError(name, StringCtor(msg[3]));
+    const flag = ERROR_FLAGS ? errorFlag(name) : undefined;
+    if (flag !== undefined) error[flag] = true;
+    entry[1](error);
+  }
+  function errorFlag(name) {
+    switch (name) {
+      case 'NotFoundError': return 'notFound';
+      case 'NotAFileError': return 'notAFile';
+      case 'NotAFolderError': return 'notAFolder';
+      case 'EntryAlreadyExistsError': return 'entryAlreadyExists';
+      case 'ParentFolderDoesntExistError': return 'parentFolderDoesntExist';
+      case 'DestDirectoryNotEmpty': return 'destDirectoryNotEmpty';
+      case 'InvalidPathError': return 'invalidPath';
+      case 'ArchiveNotWritableError': return 'archiveNotWritable';
+      default: return undefined;
+    }
   }
   function resolveRequest(id, value) {
     const entry = apply(MapGet, pending, [id]);
