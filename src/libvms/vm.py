@@ -30,6 +30,7 @@ from .archive import ArchiveTransaction, FilesArchive, normalize_path
 from .errors import (
     ArchiveError,
     EncodingError,
+    InvalidPathError,
     LibVMSError,
     LimitExceeded,
     QueueFullError,
@@ -393,6 +394,8 @@ class _Host:
             base = normalize_path(path).rstrip("/")
             return [{"name": n, "stat": tx.stat_now(f"{base}/{n}").to_dict()} for n in names]
         if op == "files.writeFile":
+            if not self._v2 and isinstance(path, str) and path.endswith("/"):
+                raise InvalidPathError(f"{path}: files can not have a trailing slash")
             data = args[1]
             return tx.write_file(path, data, args[2] if len(args) > 2 else "utf8")
         if op == "files.mkdir":

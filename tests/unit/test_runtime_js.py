@@ -843,7 +843,7 @@ ALLOWED_GLOBALS = {
     "WeakSet", "atob", "btoa", "clearInterval", "clearTimeout", "console", "decodeURI",
     "decodeURIComponent", "encodeURI", "encodeURIComponent", "escape", "eval", "globalThis",
     "isFinite", "isNaN", "parseFloat", "parseInt", "queueMicrotask", "setInterval",
-    "setTimeout", "undefined", "unescape",
+    "setTimeout", "undefined", "unescape", "setImmediate", "clearImmediate",
 }  # fmt: skip
 
 

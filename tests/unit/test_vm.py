@@ -1023,6 +1023,35 @@ async def test_files_errors_have_the_seeds_names_and_flags(monkeypatch):
     await old.close()
 
 
+async def test_set_immediate_and_trailing_slashes_as_in_the_seeds_sandbox(monkeypatch):
+    import libvms.vm as vm_module
+
+    code = """
+    exports.order = () => new Promise(r => {
+      const seen = [];
+      setTimeout(() => seen.push('timeout'), 0);
+      setImmediate((x) => seen.push(x), 'immediate');
+      clearImmediate(setImmediate(() => seen.push('cleared')));
+      Promise.resolve().then(() => seen.push('job'));
+      setTimeout(() => r(seen), 1);
+    });
+    exports.slash = async () => {
+      try { await System.files.writeFile('/t/', 'x') } catch (e) { return e.name }
+      return (await System.files.readdir('/')).join();
+    };
+    exports.immediate = () => typeof setImmediate;
+    """
+    vm = await deployed(code=code)
+    assert await vm.execute_call("order") == ["job", "timeout", "immediate"]
+    assert await vm.execute_call("slash") == "InvalidPathError"
+    await _replays(vm)
+    monkeypatch.setattr(vm_module, "PRELUDE_VERSION", "2")
+    old = await deployed(code=code)
+    assert await old.execute_call("immediate") == "undefined"  # version 2's environment
+    assert await old.execute_call("slash") == "t"
+    await old.close()
+
+
 async def test_rmdir_deletes_recursively_only_when_told_so_plainly():
     code = """
     exports.setup = async () => {

@@ -138,7 +138,7 @@
     'WeakRef', 'FinalizationRegistry', 'SharedArrayBuffer', 'Atomics', 'performance',
     'require', 'process', 'std', 'os', 'print', 'scriptArgs', 'gc', 'navigator',
     'setTimeout', 'setInterval', 'clearTimeout', 'clearInterval', 'queueMicrotask',
-    'console', 'System',
+    'setImmediate', 'clearImmediate', 'console', 'System',
   ];
   for (let i = 0; i < REMOVED.length; i++) {
     delete G[REMOVED[i]];
@@ -1054,6 +1054,16 @@
   def(G, 'clearInterval', function clearInterval(id) {
     removeTimer(id);
   });
+  if (config.version >= 3) {
+    // Node's, which the seed's sandbox had: a callback once no job is pending,
+    // with the timers due now, in creation order.
+    def(G, 'setImmediate', function setImmediate(fn, ...args) {
+      return addTimer(fn, 0, args, false);
+    });
+    def(G, 'clearImmediate', function clearImmediate(id) {
+      removeTimer(id);
+    });
+  }
   def(G, 'queueMicrotask', function queueMicrotask(fn) {
     if (typeof fn !== 'function') {
       throw new TypeErrorCtor('the callback must be a function');
