@@ -321,6 +321,11 @@ async def test_a_client_that_leaves_too_many_reply_bytes_unread_is_closed_at_onc
         assert any("bytes of replies would wait unread" in m for m in stall_log.messages)
         async with RPCClient(server.url()) as client:
             assert await client.foo() == "bar"
+        await server.wait_idle()
+        entries = await vm.call_log.list()
+        assert sum(e["call"].get("userId") == "slow" for e in entries[1:]) == CALLS  # all logged
+        async with RPCClient(server.url()) as reader:  # one large reply goes out whole
+            assert await reader.big(3 * 2**20) == "x" * (3 * 2**20)
     finally:
         slow.close()
         await server.close()

@@ -736,9 +736,10 @@ class RPCServer:
         if ws.closed or conn.stalled:
             return
         transport = conn.request.transport
-        if (
-            transport is not None
-            and transport.get_write_buffer_size() + len(text) > self.max_unsent_bytes
+        unread = 0 if transport is None else transport.get_write_buffer_size()
+        # Only on top of replies already unread: one large reply always goes out.
+        if unread and unread + _utf8_size(text, self.max_unsent_bytes - unread) > (
+            self.max_unsent_bytes
         ):
             self._close_stalled(
                 conn,
@@ -949,6 +950,14 @@ def _recall_nonces(mount: _Mount, now_ms: int) -> None:
 
 def _text(status: int, body: str) -> web.Response:
     return web.Response(status=status, text=body, content_type="text/plain", charset="utf-8")
+
+
+def _utf8_size(text: str, bound: int) -> int:
+    """The UTF-8 size of ``text``, or its length when that alone decides whether it
+    exceeds ``bound`` (a character takes 1 to 4 bytes)."""
+    if len(text) > bound or 4 * len(text) <= bound:
+        return len(text)
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def _busy() -> web.Response:
