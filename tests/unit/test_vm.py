@@ -1052,6 +1052,37 @@ async def test_set_immediate_and_trailing_slashes_as_in_the_seeds_sandbox(monkey
     await old.close()
 
 
+async def test_a_log_written_under_prelude_2_still_audits_and_goes_on_under_its_rules(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    directory = tmp_path / "vm"
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "prelude2-vm"
+    shutil.copytree(fixture, directory, ignore=shutil.ignore_patterns("README.md"))
+    log = await CallLog.open(directory)
+    init = await log.get(0)
+    assert init["runtime"]["prelude"] == "2"
+    replay = await BackendVM.from_call_log(log, {}, check=True)
+    assert replay.warnings == []
+    await replay.close()
+    await log.close()
+    vm = await deployed(directory, code=init["code"])
+    assert await vm.execute_call("timerNull") == "went on"
+    assert await vm.execute_call("listed") == 2
+    assert await vm.execute_call("immediate") == "undefined"
+    assert [name for name, _ in await vm.execute_call("errors")] == [
+        "AlreadyExistsError",
+        "DirectoryNotEmptyError",
+        "IsADirectoryError",
+        "NotFoundError",
+    ]
+    length = vm.call_log.length
+    with pytest.raises(VMCallError, match="MethodNotFound"):
+        await vm.execute_call("gone")  # deleted by a logged call: refused, not logged
+    assert vm.call_log.length == length
+    await _replays(vm)
+
+
 async def test_rmdir_deletes_recursively_only_when_told_so_plainly():
     code = """
     exports.setup = async () => {
