@@ -35,7 +35,7 @@ from .errors import (
     NotFoundError,
     ReadOnlyError,
     TamperError,
-    TransactionTooLargeError,
+    TooLargeError,
 )
 from .keys import Keypair, ledger_url
 from .ledger import Ledger, abandon
@@ -448,24 +448,41 @@ class _Reader(ABC):
         """The names in directory ``path``, sorted; with ``recursive``, every path
         below it, relative to it (``b``, ``b/c.txt``), depth first, each
         directory's entries sorted."""
+        if not recursive:
+            p = normalize_path(path)
+            if self._tree.lookup(p).kind != "dir":
+                raise NotADirectoryError_(f"{p} is not a directory")
+            return sorted(self._tree.names(p))
+        return [name for name, _ in self.readdir_stats_now(path, recursive=True)]
+
+    def readdir_stats_now(
+        self, path: str = "/", *, recursive: bool = False, limit: int | None = None
+    ) -> list[tuple[str, Stat]]:
+        """:meth:`readdir_now` with each entry's stat. More than ``limit`` entries in
+        a recursive listing raise :class:`~libvms.errors.TooLargeError`."""
         p = normalize_path(path)
         node = self._tree.lookup(p)
         if node.kind != "dir":
             raise NotADirectoryError_(f"{p} is not a directory")
+        tree = self._tree
+        prefix = p.rstrip("/") + "/"
         if not recursive:
-            return sorted(self._tree.names(p))
-        found: list[str] = []
-        stack = [(p, "", iter(sorted(self._tree.names(p))))]
+            return [(name, tree.lookup(prefix + name)) for name in sorted(tree.names(p))]
+        found: list[tuple[str, Stat]] = []
+        stack = [(prefix, "", iter(sorted(tree.names(p))))]
         while stack:
             directory, relative, names = stack[-1]
             name = next(names, None)
             if name is None:
                 stack.pop()
                 continue
-            child = directory.rstrip("/") + "/" + name
-            found.append(relative + name)
-            if self._tree.lookup(child).kind == "dir":
-                stack.append((child, relative + name + "/", iter(sorted(self._tree.names(child)))))
+            child = directory + name
+            stat = tree.lookup(child)
+            found.append((relative + name, stat))
+            if limit is not None and len(found) > limit:
+                raise TooLargeError(f"the listing of {p} holds more than {limit} entries")
+            if stat.kind == "dir":
+                stack.append((child + "/", relative + name + "/", iter(sorted(tree.names(child)))))
         return found
 
     def files(self) -> dict[str, Stat]:
@@ -782,7 +799,7 @@ class FilesArchive(_Reader):
         ``mtime_ms`` stamps every mutation (default: the wall clock at each one).
         ``max_bytes`` bounds the file data it holds until it commits (distinct
         contents, counted once each): a write past it raises
-        :class:`~libvms.errors.TransactionTooLargeError` and stages nothing.
+        :class:`~libvms.errors.TooLargeError` and stages nothing.
         """
         if self._ledger.keypair is None:
             raise ReadOnlyError("this archive is a read-only copy")
@@ -967,7 +984,7 @@ class ArchiveTransaction(_Reader):
         content_hash = encoding.sha256_hex(blob)
         new = content_hash not in self._blobs
         if new and self._max_bytes is not None and self._held + len(blob) > self._max_bytes:
-            raise TransactionTooLargeError(
+            raise TooLargeError(
                 f"writing {len(blob)} more bytes would make this call's writes hold more "
                 f"than {self._max_bytes} bytes of file data"
             )

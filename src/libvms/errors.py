@@ -129,8 +129,9 @@ class ReadOnlyError(ArchiveError):
     name = "ReadOnlyError"
 
 
-class TransactionTooLargeError(ArchiveError):
-    """A write would make a transaction hold more file data than it may."""
+class TooLargeError(ArchiveError):
+    """An archive operation would hold more than it may: a transaction's file
+    data, a listing's entries."""
 
     name = "RangeError"
 
@@ -199,7 +200,7 @@ __all__ = [
     "ReadOnlyError",
     "ScriptError",
     "TamperError",
-    "TransactionTooLargeError",
+    "TooLargeError",
     "VMCallError",
     "VerificationError",
 ]

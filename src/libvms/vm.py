@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from . import encoding, merkle
 from .archive import KEY_FILENAME as ARCHIVE_KEY_FILENAME
-from .archive import ArchiveTransaction, FilesArchive, normalize_path
+from .archive import ArchiveTransaction, FilesArchive
 from .errors import (
     ArchiveError,
     EncodingError,
@@ -69,6 +69,11 @@ MAX_QUEUE = 1000
 #: RangeError. It bounds the host's memory by what it bounds, not by the time a
 #: call may take. Logs of prelude 3 on; version 2 had no such bound.
 MAX_CALL_WRITE_BYTES = 128 * 2**20
+
+#: Most entries a recursive ``readdir`` may list (prelude 3 on): past it, the
+#: script's promise rejects with a RangeError. The listing is built in the host's
+#: memory, before the script's memory limit can apply.
+MAX_LISTED_ENTRIES = 100_000
 
 #: How many times its call_timeout a VM gives each call when it rebuilds its own
 #: state (on a reopen, after an abort). Those calls all ran within the limit
@@ -388,11 +393,12 @@ class _Host:
             if self._v2:
                 return tx.readdir_now(path)
             recursive, with_stat = _readdir_options(args[1] if len(args) > 1 else None)
-            names = tx.readdir_now(path, recursive=recursive)
+            if not (recursive or with_stat):
+                return tx.readdir_now(path)
+            entries = tx.readdir_stats_now(path, recursive=recursive, limit=MAX_LISTED_ENTRIES)
             if not with_stat:
-                return names
-            base = normalize_path(path).rstrip("/")
-            return [{"name": n, "stat": tx.stat_now(f"{base}/{n}").to_dict()} for n in names]
+                return [name for name, _ in entries]
+            return [{"name": name, "stat": stat.to_dict()} for name, stat in entries]
         if op == "files.writeFile":
             if not self._v2 and isinstance(path, str) and path.endswith("/"):
                 raise InvalidPathError(f"{path}: files can not have a trailing slash")

@@ -962,6 +962,19 @@ async def test_readdir_takes_the_seeds_recursive_and_stat_options(monkeypatch):
         with pytest.raises(VMCallError, match="TypeError"):
             await vm.execute_call("ls", ["/a", opts])
     await _replays(vm)
+    # A recursive listing is built in the host's memory: it is bounded.
+    monkeypatch.setattr(vm_module, "MAX_LISTED_ENTRIES", 3)
+    bounded = await deployed(code=code)
+    await bounded.execute_call("setup")
+    with pytest.raises(VMCallError, match=r"RangeError: .* more than 3 entries"):
+        await bounded.execute_call("ls", ["/", {"recursive": True}])
+    assert await bounded.execute_call("ls", ["/a", {"recursive": True}]) == [
+        "b",
+        "b/c.txt",
+        "x.txt",
+    ]
+    await _replays(bounded)
+    monkeypatch.undo()
     monkeypatch.setattr(vm_module, "PRELUDE_VERSION", "2")
     old = await deployed(code=code)
     await old.execute_call("setup")
