@@ -1395,7 +1395,10 @@ def _readdir_options(opts: Any) -> tuple[bool, bool]:
         return False, False
     if not isinstance(opts, dict):
         raise TypeError("options must be an object, such as {recursive: true, stat: true}")
-    recursive, with_stat = opts.get("recursive", False), opts.get("stat", False)
+    # null reads as absent (false), as undefined members do.
+    recursive, with_stat = (
+        False if v is None else v for v in (opts.get("recursive"), opts.get("stat"))
+    )
     if type(recursive) is not bool or type(with_stat) is not bool:
         raise TypeError("options.recursive and options.stat must be true or false")
     return recursive, with_stat

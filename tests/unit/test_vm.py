@@ -958,9 +958,10 @@ async def test_readdir_takes_the_seeds_recursive_and_stat_options(monkeypatch):
         ["a/b/c.txt", True, 2],
         ["a/x.txt", True, 1],
     ]
-    for opts in ("yes", {"stat": 1}, {"recursive": "true"}):
+    for opts in ("yes", {"stat": 1}, {"stat": 0}, {"recursive": "true"}):
         with pytest.raises(VMCallError, match="TypeError"):
             await vm.execute_call("ls", ["/a", opts])
+    assert await vm.execute_call("ls", ["/a", {"stat": None, "recursive": None}]) == ["b", "x.txt"]
     await _replays(vm)
     # A recursive listing is built in the host's memory: it is bounded.
     monkeypatch.setattr(vm_module, "MAX_LISTED_ENTRIES", 3)
