@@ -449,21 +449,22 @@ class _Reader(ABC):
         below it, relative to it (``b``, ``b/c.txt``), depth first, each
         directory's entries sorted."""
         if not recursive:
-            p = normalize_path(path)
-            if self._tree.lookup(p).kind != "dir":
-                raise NotADirectoryError_(f"{p} is not a directory")
-            return sorted(self._tree.names(p))
+            return sorted(self._tree.names(self._directory(path)))
         return [name for name, _ in self.readdir_stats_now(path, recursive=True)]
+
+    def _directory(self, path: str) -> str:
+        """``path`` normalised, once known to name a directory."""
+        p = normalize_path(path)
+        if self._tree.lookup(p).kind != "dir":
+            raise NotADirectoryError_(f"{p} is not a directory")
+        return p
 
     def readdir_stats_now(
         self, path: str = "/", *, recursive: bool = False, limit: int | None = None
     ) -> list[tuple[str, Stat]]:
         """:meth:`readdir_now` with each entry's stat. More than ``limit`` entries in
         a recursive listing raise :class:`~libvms.errors.TooLargeError`."""
-        p = normalize_path(path)
-        node = self._tree.lookup(p)
-        if node.kind != "dir":
-            raise NotADirectoryError_(f"{p} is not a directory")
+        p = self._directory(path)
         tree = self._tree
         prefix = p.rstrip("/") + "/"
         if not recursive:
